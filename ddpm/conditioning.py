@@ -125,3 +125,21 @@ class PositionEmbedding(nn.Module):
 
     def forward(self, position: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, dim)
         return self.mlp(sinusoidal_embedding(position * self.scale, self.dim))
+
+
+def model_conditions(mode: str, n_bins: int, z_bin, pathology, position=None) -> dict:
+    """Keyword arguments for ``UNet.forward`` from a slice's z-bin, pathology and position.
+
+    ``token``: one class token per (z-bin, pathology). ``position``: the pathology as a token
+    (0/1) and the continuous z position in [0, 1]; without a known position the bin's centre,
+    ``(z_bin + 0.5) / n_bins``, stands in. ``none``: unconditional.
+    """
+    if mode == "token":
+        return {"token": class_token(z_bin, pathology, n_bins)}
+    if mode == "position":
+        if position is None:
+            position = (z_bin + 0.5) / n_bins
+        return {"token": pathology, "position": position}
+    if mode == "none":
+        return {}
+    raise ValueError(f"unknown conditioning {mode!r}; expected 'token', 'position' or 'none'")
