@@ -13,27 +13,29 @@ Overrides use the same names, ``section.key=value``, with the value read as YAML
 (``optim.lr=3e-4``, ``data.z_range=[10,50]``, ``model.use_prior=true``,
 ``train.max_steps=null``). Unknown keys, wrong types and inconsistent values are errors
 that name the file (or the override), the key, what was expected and, for a misspelt key,
-the nearest valid one.
+the nearest valid one (the type, range and consistency checks live in ``ddpm.config_checks``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import numbers
 import os
 import re
 import tempfile
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union, get_args, get_origin, get_type_hints
+from typing import Literal, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file, dict or override that cannot be used; the message says where and why."""
+from ddpm.config_checks import (
+    MISMATCH,
+    ConfigError,
+    check_value,
+    closest_name,
+    convert_value,
+    validate,
+)
 
 
 @dataclass
@@ -66,6 +68,31 @@ class DataConfig:
     # Loader only: how much more often lesion slices are drawn (1.0 = as they come).
     oversample_lesions: float = 1.0
     num_workers: int = 0  # DataLoader worker processes (0 = load in the main process)
+
+
+@dataclass
+class DoseDataConfig:
+    """Where the dose-prediction patients come from and how they are cached and sampled."""
+
+    # "phantom": synthetic patients generated into `root`; "manifest": a CSV of
+    # patient,ct,dose,<structure>... paths (`manifest`).
+    source: Literal["phantom", "manifest"] = "phantom"
+    root: str = "data/dose_phantoms"  # phantom output folder
+    manifest: str | None = None  # CSV of patient files, required when source is "manifest"
+    n_patients: int = 12  # "phantom" source: how many synthetic patients to generate
+    phantom_size: int = 48  # "phantom" source: edge length of the cubic volumes, in voxels
+    phantom_seed: int = 0  # "phantom" source: seed, so the same patients come back every time
+    cache_dir: str = "cache/dose_quickstart"  # where the dose cache (arrays + meta) lives
+    # Voxel size [x, y, z] in mm every patient is resampled to (RAS axes); null keeps the
+    # spacing of the first patient of the manifest.
+    spacing_mm: list[float] | None = None
+    ct_window: list[float] = field(default_factory=lambda: [-1000.0, 1500.0])  # HU -> [-1, 1]
+    dose_scale_gy: float = 80.0  # dose in Gy mapped as [0, scale] -> [-1, 1] (not clipped)
+    # Train / validation / test fractions of PATIENTS (never of patches: no patient leaks).
+    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    split_seed: int = 0  # seed of the patient shuffle behind the split
+    patch_size: int = 32  # edge of the cubic training patches, in voxels
+    ptv_fraction: float = 0.5  # fraction of training patches centred on a random PTV voxel
 
 
 @dataclass
@@ -207,6 +234,7 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    dose: DoseDataConfig = field(default_factory=DoseDataConfig)
 
     @property
     def num_classes(self) -> int:
@@ -230,7 +258,6 @@ class Config:
 # Section name -> its dataclass, e.g. "optim" -> OptimConfig.
 SECTIONS: dict[str, type] = get_type_hints(Config)
 _ALL_KEYS = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-_DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 # --- YAML ----------------------------------------------------------------------------------
@@ -258,92 +285,14 @@ def _read_yaml(text: str, source: str):
         raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
 
 
-# --- type checking -------------------------------------------------------------------------
-
-_MISMATCH = object()  # returned by _convert when a value does not fit a type
-
-
-def _convert(value, tp):
-    """``value`` as type ``tp`` (int -> float, tuple -> list), or ``_MISMATCH``."""
-    origin = get_origin(tp)
-    if origin is Literal:
-        # type(...) is compared too, so True never passes for 1 nor 1.0 for 1.
-        ok = any(type(value) is type(c) and value == c for c in get_args(tp))
-        return value if ok else _MISMATCH
-    if origin in (Union, types.UnionType):
-        for arg in get_args(tp):
-            out = _convert(value, arg)
-            if out is not _MISMATCH:
-                return out
-        return _MISMATCH
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            return _MISMATCH
-        (item_type,) = get_args(tp)
-        items = [_convert(v, item_type) for v in value]
-        return _MISMATCH if any(i is _MISMATCH for i in items) else items
-    if tp is type(None):
-        return None if value is None else _MISMATCH
-    if isinstance(value, bool):  # bool is an int subclass: keep it out of int and float
-        return value if tp is bool else _MISMATCH
-    if tp is int:
-        return int(value) if isinstance(value, numbers.Integral) else _MISMATCH
-    if tp is float:
-        return float(value) if isinstance(value, numbers.Real) else _MISMATCH
-    if tp is str:
-        return value if isinstance(value, str) else _MISMATCH
-    if tp is bool:
-        return _MISMATCH
-    raise TypeError(f"config fields of type {tp!r} are not supported")
-
-
-def _type_name(tp) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(c) for c in get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if origin is list:
-        return f"list[{_type_name(get_args(tp)[0])}]"
-    return "None" if tp is type(None) else tp.__name__
-
-
-def _closest(word, candidates) -> str | None:
-    """The valid name nearest to a misspelt ``word``, or None if none is close."""
-    word, candidates = str(word), list(candidates)
-    # A name with a part added or dropped ("lr_rate" for "lr", "n_bin" for "n_bins") is the
-    # likeliest slip; plain similarity would rank a longer name sharing more letters
-    # ("min_lr_ratio") above it, so such names are preferred when there are any.
-    related = [c for c in candidates if word.startswith(c + "_") or c.startswith(word)]
-    if related:
-        return difflib.get_close_matches(word, related, n=1, cutoff=0.0)[0]
-    matches = difflib.get_close_matches(word, candidates, n=1)
-    return matches[0] if matches else None
-
-
-def _check_value(value, tp, key: str, source: str):
-    """``value`` converted to ``tp``; a ConfigError naming key, source and type otherwise."""
-    out = _convert(value, tp)
-    if out is not _MISMATCH:
-        return out
-    message = f"{source}: expected {_type_name(tp)} for '{key}', got {value!r}"
-    message += f" ({type(value).__name__})"
-    if isinstance(value, (list, tuple)) and get_origin(tp) is list:
-        item_type = get_args(tp)[0]
-        bad = next(i for i, v in enumerate(value) if _convert(v, item_type) is _MISMATCH)
-        message += f": element {bad} is {value[bad]!r}"
-    if get_origin(tp) is Literal and isinstance(value, str):
-        guess = _closest(value, [c for c in get_args(tp) if isinstance(c, str)])
-        if guess is not None:
-            message += f"; did you mean {guess!r}?"
-    raise ConfigError(message)
+# --- names ---------------------------------------------------------------------------------
 
 
 def _section_class(section, source: str) -> type:
     """The dataclass of ``section``; a ConfigError with a suggestion if unknown."""
     if section in SECTIONS:
         return SECTIONS[section]
-    guess = _closest(section, SECTIONS)
+    guess = closest_name(section, SECTIONS)
     if guess is None:  # a key written at the top level instead of inside its section?
         guess = next((k for k in _ALL_KEYS if k.split(".")[1] == section), None)
     hint = f"; did you mean '{guess}'?" if guess else f"; sections are {', '.join(SECTIONS)}"
@@ -355,7 +304,7 @@ def _field_type(section, key, source: str):
     hints = get_type_hints(_section_class(section, source))
     if key not in hints:
         # Match against every dotted key, so a key put in the wrong section is found too.
-        guess = _closest(f"{section}.{key}", _ALL_KEYS)
+        guess = closest_name(f"{section}.{key}", _ALL_KEYS)
         hint = f"; did you mean '{guess}'?" if guess else f"; valid keys: {', '.join(hints)}"
         raise ConfigError(f"{source}: unknown key '{section}.{key}'{hint}")
     return hints[key]
@@ -386,7 +335,7 @@ def _build(d, source: str) -> Config:
         values = {}
         for key, value in body.items():
             tp = _field_type(section, key, source)
-            values[key] = _check_value(value, tp, f"{section}.{key}", source)
+            values[key] = check_value(value, tp, f"{section}.{key}", source)
         sections[section] = section_class(**values)
     return Config(**sections)
 
@@ -423,9 +372,9 @@ def _apply(cfg: Config, overrides) -> None:
         tp = _field_type(section, key, source)
         # Shell users should not have to quote YAML: a value that does not fit a text
         # field (train.name=2024, train.name=no) is kept as the text typed.
-        if _convert(value, tp) is _MISMATCH and _convert("", tp) is not _MISMATCH:
+        if convert_value(value, tp) is MISMATCH and convert_value("", tp) is not MISMATCH:
             value = text.partition("=")[2]
-        setattr(getattr(cfg, section), key, _check_value(value, tp, f"{section}.{key}", source))
+        setattr(getattr(cfg, section), key, check_value(value, tp, f"{section}.{key}", source))
 
 
 def _with_overrides(source: str, overrides) -> str:
@@ -483,110 +432,3 @@ def save_config(cfg: Config, path) -> None:
         raise
 
 
-# Allowed interval of every bounded number (of each element, for lists); None passes.
-_RANGES = {
-    "[1, inf)": (
-        "data.n_subjects data.phantom_size data.image_size data.n_bins data.lesion_min_voxels "
-        "model.in_channels model.out_channels model.base_channels model.channel_mults "
-        "model.num_res_blocks model.num_heads diffusion.timesteps optim.grad_accum "
-        "train.epochs train.max_steps train.batch_size train.val_every train.sample_every "
-        "train.checkpoint_every train.early_stop_patience train.nan_patience train.log_every "
-        "ema.update_every eval.val_batches eval.batch_size sample.steps "
-        "sample.n_per_condition"
-    ),
-    "[0, inf)": (
-        "data.z_range data.num_workers loss.channel_weights loss.lesion_weight "
-        "optim.weight_decay optim.warmup_steps optim.grad_clip sample.eta sample.guidance"
-    ),
-    "(0, 1]": "data.split_fractions",
-    "[0, 100]": "data.clip_percentiles",
-    "[0, 1]": "data.mask_threshold optim.min_lr_ratio",
-    "(0, inf)": "data.oversample_lesions loss.min_snr_gamma optim.lr eval.alarm_psnr_gap_db",
-    "[0, 1)": "model.dropout diffusion.cond_drop_prob optim.betas ema.decay",
-}
-_INTERVAL = re.compile(r"([\[(])(\S+), (\S+)([\])])")
-
-
-def _check_range(key: str, value, interval: str, source: str) -> None:
-    opening, low, high, closing = _INTERVAL.fullmatch(interval).groups()
-    low, high = float(low), float(high)
-    for v in value if isinstance(value, list) else [value]:
-        above = v is None or (low <= v if opening == "[" else low < v)
-        below = v is None or (v <= high if closing == "]" else v < high)
-        if not (above and below):
-            raise ConfigError(f"{source}: {key} must be in {interval}, got {value}")
-
-
-def validate(cfg: Config, source: str = "<config>") -> None:
-    """Check every field's type and range and the consistency between fields.
-
-    Loaders call this; call it yourself after editing a Config in code. Raises ConfigError
-    naming ``source``. Fields are normalised in place (int -> float, tuple -> list).
-    """
-    for section in SECTIONS:
-        obj = getattr(cfg, section)
-        for key, tp in get_type_hints(type(obj)).items():
-            setattr(obj, key, _check_value(getattr(obj, key), tp, f"{section}.{key}", source))
-    for interval, keys in _RANGES.items():
-        for key in keys.split():
-            section, name = key.split(".")
-            _check_range(key, getattr(getattr(cfg, section), name), interval, source)
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"{source}: {message}")
-
-    d, m, diff, sm = cfg.data, cfg.model, cfg.diffusion, cfg.sample
-    require(d.source != "manifest" or d.manifest is not None,
-            "data.source 'manifest' needs data.manifest (the CSV of image/mask paths)")
-    require(len(d.z_range) == 2 and d.z_range[0] <= d.z_range[1],
-            f"data.z_range must be [low, high] with low <= high, got {d.z_range}")
-    n_slices = d.z_range[1] - d.z_range[0] + 1
-    require(n_slices >= d.n_bins, f"data.z_range {d.z_range} holds {n_slices} slices, fewer "
-            f"than data.n_bins={d.n_bins}: some z-bins would never be used")
-    require(d.source != "phantom" or d.z_range[1] < d.phantom_size,
-            f"data.z_range {d.z_range} reaches past the phantom volume "
-            f"(data.phantom_size={d.phantom_size}: slices 0..{d.phantom_size - 1})")
-    require(len(d.split_fractions) == 3 and abs(sum(d.split_fractions) - 1) < 1e-6,
-            f"data.split_fractions must be three fractions (train, val, test) summing to 1, "
-            f"got {d.split_fractions}")
-    clip = d.clip_percentiles
-    require(len(clip) == 2 and clip[0] < clip[1],
-            f"data.clip_percentiles must be [low, high] with low < high, got {clip}")
-
-    levels = len(m.channel_mults)
-    require(levels >= 1, "model.channel_mults must list at least one level")
-    for level in m.attention_levels:
-        require(0 <= level < levels, f"model.attention_levels has level {level}, but "
-                f"model.channel_mults {m.channel_mults} defines levels 0..{levels - 1}")
-        channels = m.base_channels * m.channel_mults[level]
-        require(channels % m.num_heads == 0, f"model.num_heads={m.num_heads} does not divide "
-                f"the {channels} channels of attention level {level}")
-    require(d.image_size % 2 ** (levels - 1) == 0,
-            f"data.image_size={d.image_size} must be divisible by {2 ** (levels - 1)}: the "
-            f"UNet halves it {levels - 1} times (model.channel_mults has {levels} levels)")
-    require(not m.use_prior or m.dims == 2,
-            "model.use_prior needs model.dims == 2 (the prior is a 2D mask per z-bin)")
-
-    require(not diff.zero_terminal_snr or diff.prediction != "eps",
-            "diffusion.zero_terminal_snr needs diffusion.prediction 'v' or 'x0': at zero "
-            "SNR the noise says nothing about x0 (Lin et al. 2024)")
-    weights = cfg.loss.channel_weights
-    require(len(weights) == m.out_channels and sum(weights) > 0,
-            f"loss.channel_weights must hold model.out_channels={m.out_channels} weights, "
-            f"not all 0, got {weights}")
-    require(len(cfg.optim.betas) == 2, f"optim.betas must be [beta1, beta2], "
-            f"got {cfg.optim.betas}")
-    require(_DEVICE_PATTERN.fullmatch(cfg.train.device) is not None, f"train.device must be "
-            f"'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {cfg.train.device!r}")
-    bad = [t for t in cfg.eval.timesteps if not 0 <= t < diff.timesteps]
-    require(not bad, f"eval.timesteps {bad} lie outside 0..{diff.timesteps - 1} "
-            f"(diffusion.timesteps={diff.timesteps})")
-    require(sm.steps <= diff.timesteps,
-            f"sample.steps={sm.steps} exceeds diffusion.timesteps={diff.timesteps}")
-    if sm.guidance > 0:
-        require(m.conditioning != "none",
-                "sample.guidance > 0 needs a conditional model (model.conditioning is 'none')")
-        require(diff.cond_drop_prob > 0,
-                "sample.guidance > 0 needs diffusion.cond_drop_prob > 0 in training: "
-                "without it the model never learns the unconditional prediction")

@@ -118,6 +118,23 @@ def test_section_that_is_not_a_mapping_is_rejected():
         config_from_dict({"optim": [0.001]}, source="cfg.yaml")
 
 
+def test_dose_keys_load_into_the_dose_section(tmp_path):
+    path = write(tmp_path, "dose:\n  patch_size: 16\n  spacing_mm: [2, 2, 3]\n"
+                           "  source: manifest\n  manifest: patients.csv\n")
+    cfg = load_config(path)
+    assert cfg.dose.patch_size == 16 and cfg.dose.source == "manifest"
+    assert cfg.dose.spacing_mm == [2.0, 2.0, 3.0] and type(cfg.dose.spacing_mm[0]) is float
+    assert cfg.data == Config().data  # the slice data section is untouched
+
+
+def test_unknown_dose_key_names_key_file_and_nearest_valid_key(tmp_path):
+    path = write(tmp_path, "dose:\n  n_patient: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    expected = f"{path}: unknown key 'dose.n_patient'; did you mean 'dose.n_patients'?"
+    assert str(err.value) == expected
+
+
 def test_num_classes_is_derived_not_a_key():
     with pytest.raises(ConfigError, match="unknown key 'model.num_classes'"):
         config_from_dict({"model": {"num_classes": 20}})
@@ -291,6 +308,13 @@ def test_apply_overrides_leaves_the_original_untouched():
           "model": {"conditioning": "none"}}, "needs a conditional model"),
         ({"train": {"device": "gpu"}}, "train.device must be"),
         ({"optim": {"lr": 0.0}}, r"optim.lr must be in \(0, inf\)"),
+        ({"dose": {"source": "manifest"}}, "needs dose.manifest"),
+        ({"dose": {"ct_window": [500.0, -500.0]}}, "dose.ct_window must be .low, high."),
+        ({"dose": {"spacing_mm": [2.0, 2.0]}}, "dose.spacing_mm must be three sizes"),
+        ({"dose": {"spacing_mm": [2.0, 0.0, 3.0]}}, r"dose.spacing_mm must be in \(0, inf\)"),
+        ({"dose": {"split_fractions": [0.5, 0.3, 0.3]}}, "dose.split_fractions must be three"),
+        ({"dose": {"ptv_fraction": 1.5}}, r"dose.ptv_fraction must be in \[0, 1\]"),
+        ({"dose": {"patch_size": 0}}, r"dose.patch_size must be in \[1, inf\)"),
     ],
 )
 def test_inconsistent_values_are_rejected_naming_the_source(d, message):
