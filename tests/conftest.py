@@ -1,9 +1,14 @@
 """Shared fixtures: a tiny phantom cache and a tiny training config, built once per session."""
 
 import pytest
+import torch
 
 from ddpm.caching import build_cache
 from ddpm.config import config_from_dict
+
+# The test models are tiny: per-operation overhead dominates and a second thread only adds
+# synchronisation (and, on a busy machine, OpenMP spin-waiting). One thread is faster here.
+torch.set_num_threads(1)
 
 TINY = {
     "data": {"n_subjects": 6, "phantom_size": 32, "image_size": 16, "z_range": [8, 23],

@@ -88,7 +88,8 @@ def test_a_killed_run_leaves_a_loadable_checkpoint_and_resumes_from_it(tiny_root
     save_config(tiny_config(tiny_root, train={"run_dir": str(tmp_path), "epochs": 50}), cfg_path)
     last = tmp_path / "quickstart" / "checkpoints" / "last.pt"
     proc = subprocess.Popen([sys.executable, "train.py", "--config", str(cfg_path),
-                             "--no-progress"], cwd=REPO, stdout=subprocess.DEVNULL,
+                             "--no-progress"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
