@@ -13,7 +13,8 @@ from .unet import UNet
 
 
 def build_model(cfg: Config) -> UNet:
-    """The UNet that ``cfg.model`` describes (input channels include the prior, if used)."""
+    """The UNet that ``cfg.model`` describes; its input channels are ``cfg.input_channels``
+    (the data plus the prior, or the dose anatomy plus, unless regressing, the noisy dose)."""
     m = cfg.model
     return UNet(
         dims=m.dims,
@@ -24,6 +25,7 @@ def build_model(cfg: Config) -> UNet:
         num_res_blocks=m.num_res_blocks,
         attention_levels=tuple(m.attention_levels),
         num_heads=m.num_heads,
+        norm_groups=m.norm_groups,
         dropout=m.dropout,
         num_classes=cfg.num_classes or None,
         use_position=m.conditioning == "position",

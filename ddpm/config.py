@@ -93,6 +93,13 @@ class DoseDataConfig:
     split_seed: int = 0  # seed of the patient shuffle behind the split
     patch_size: int = 32  # edge of the cubic training patches, in voxels
     ptv_fraction: float = 0.5  # fraction of training patches centred on a random PTV voxel
+    # Conditioning channels of the cache: the CT plus one per structure (9 for the phantoms:
+    # CT + 8 structures); checked against the cache when training starts.
+    anatomy_channels: int = 9
+    # Whole-volume inference: windows of patch_size overlapping by this fraction, blended
+    # with Gaussian weights (ddpm.inference.SlidingWindow).
+    window_overlap: float = 0.5
+    window_batch: int = 8  # whole-volume inference: window positions per network call
 
 
 @dataclass
@@ -100,8 +107,13 @@ class ModelConfig:
     """The UNet: shape, conditioning and execution options."""
 
     dims: Literal[2, 3] = 2  # 2 for slices (lesion synthesis), 3 for volumes (dose)
-    # Input channels of the data (image + mask); the anatomical prior channel is added on
-    # top when `use_prior` is set (see Config.input_channels).
+    # What the network learns (the workload is train.task): "diffusion" (a DDPM, see the
+    # diffusion section), "flow" (rectified-flow matching, see the flow section) or
+    # "regression" (the target predicted directly from the conditioning channels).
+    objective: Literal["diffusion", "flow", "regression"] = "diffusion"
+    # Channels of the data the model generates (lesion: image + mask = 2; dose: 1). The
+    # conditioning channels are added on top (the prior, the dose anatomy); see
+    # Config.input_channels.
     in_channels: int = 2
     out_channels: int = 2  # predicted channels (one per diffused channel)
     base_channels: int = 32  # channels at the first resolution level
@@ -110,6 +122,7 @@ class ModelConfig:
     num_res_blocks: int = 2  # residual blocks per resolution level
     attention_levels: list[int] = field(default_factory=lambda: [2])  # levels with self-attention
     num_heads: int = 4  # attention heads (must divide the channels of every attention level)
+    norm_groups: int = 32  # GroupNorm groups (must divide the channels of every level)
     dropout: float = 0.0  # dropout inside the residual blocks
     # "token": one learned embedding per (z-bin, pathology) token; "position": sinusoidal
     # embedding of the continuous z position plus a pathology token; "none": unconditional.
@@ -145,6 +158,22 @@ class LossConfig:
     # al. 2018) instead of fixed channel_weights.
     uncertainty_weighting: bool = False
     min_snr_gamma: float | None = None  # Min-SNR-gamma weighting (Hang et al. 2023); None = off
+    regression: Literal["l1", "mse"] = "l1"  # model.objective "regression": the pixel loss
+    # model.objective "regression": weight of the finite-difference gradient loss added to
+    # it (0 = off), which penalises blurred dose fall-offs.
+    gradient_weight: float = 0.0
+
+
+@dataclass
+class FlowConfig:
+    """Flow matching on the straight path x_s = (1 - s) x0 + s noise (``ddpm.flow``)."""
+
+    # Training times s: "uniform" on [0, 1), or "logit_normal" (Esser et al. 2024), which
+    # favours the middle of the path: s = sigmoid(logit_loc + logit_scale * N(0, 1)).
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    logit_loc: float = 0.0  # "logit_normal": the mean of the logit of s
+    logit_scale: float = 1.0  # "logit_normal": the std of the logit of s
+    solver: Literal["euler", "heun"] = "euler"  # ODE solver of sampling (steps: sample.steps)
 
 
 @dataclass
@@ -166,6 +195,9 @@ class TrainConfig:
 
     run_dir: str = "runs"  # parent folder of all runs
     name: str = "quickstart"  # this run's folder inside run_dir
+    # The workload: "lesion" (2D slices with their lesion mask, the `data` section) or
+    # "dose" (3D dose from anatomy, the `dose` section).
+    task: Literal["lesion", "dose"] = "lesion"
     epochs: int = 30  # passes over the training split
     max_steps: int | None = None  # stop after this many optimizer steps (None = run all epochs)
     batch_size: int = 16  # samples per micro-batch
@@ -235,6 +267,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     dose: DoseDataConfig = field(default_factory=DoseDataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
 
     @property
     def num_classes(self) -> int:
@@ -251,7 +284,14 @@ class Config:
 
     @property
     def input_channels(self) -> int:
-        """Channels the UNet actually receives: the data channels plus the prior, if used."""
+        """Channels the UNet actually receives.
+
+        Lesion: the data channels plus the prior, if used. Dose: the anatomy channels, plus
+        the noisy dose for diffusion and flow (a regression model sees the anatomy alone).
+        """
+        if self.train.task == "dose":
+            state = 0 if self.model.objective == "regression" else self.model.in_channels
+            return state + self.dose.anatomy_channels
         return self.model.in_channels + int(self.model.use_prior)
 
 
@@ -426,6 +466,7 @@ def save_config(cfg: Config, path) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a config is for reading
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

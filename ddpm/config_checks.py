@@ -111,7 +111,8 @@ _RANGES = {
     "[1, inf)": (
         "data.n_subjects data.phantom_size data.image_size data.n_bins data.lesion_min_voxels "
         "model.in_channels model.out_channels model.base_channels model.channel_mults "
-        "model.num_res_blocks model.num_heads diffusion.timesteps optim.grad_accum "
+        "model.num_res_blocks model.num_heads model.norm_groups diffusion.timesteps "
+        "optim.grad_accum dose.anatomy_channels dose.window_batch "
         "train.epochs train.max_steps train.batch_size train.val_every train.sample_every "
         "train.checkpoint_every train.early_stop_patience train.nan_patience train.log_every "
         "ema.update_every eval.val_batches eval.batch_size sample.steps "
@@ -119,16 +120,17 @@ _RANGES = {
     ),
     "[0, inf)": (
         "data.z_range data.num_workers loss.channel_weights loss.lesion_weight "
-        "optim.weight_decay optim.warmup_steps optim.grad_clip sample.eta sample.guidance"
+        "optim.weight_decay optim.warmup_steps optim.grad_clip sample.eta sample.guidance "
+        "loss.gradient_weight"
     ),
     "(0, 1]": "data.split_fractions",
     "[0, 100]": "data.clip_percentiles",
     "[0, 1]": "data.mask_threshold optim.min_lr_ratio dose.split_fractions dose.ptv_fraction",
     "(0, inf)": (
         "data.oversample_lesions loss.min_snr_gamma optim.lr eval.alarm_psnr_gap_db "
-        "dose.spacing_mm dose.dose_scale_gy"
+        "dose.spacing_mm dose.dose_scale_gy flow.logit_scale"
     ),
-    "[0, 1)": "model.dropout diffusion.cond_drop_prob optim.betas ema.decay",
+    "[0, 1)": "model.dropout diffusion.cond_drop_prob optim.betas ema.decay dose.window_overlap",
 }
 _INTERVAL = re.compile(r"([\[(])(\S+), (\S+)([\])])")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -190,6 +192,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         channels = m.base_channels * m.channel_mults[level]
         require(channels % m.num_heads == 0, f"model.num_heads={m.num_heads} does not divide "
                 f"the {channels} channels of attention level {level}")
+    for level, mult in enumerate(m.channel_mults):
+        require((m.base_channels * mult) % m.norm_groups == 0,
+                f"model.norm_groups={m.norm_groups} does not divide the "
+                f"{m.base_channels * mult} channels of level {level}")
     require(d.image_size % 2 ** (levels - 1) == 0,
             f"data.image_size={d.image_size} must be divisible by {2 ** (levels - 1)}: the "
             f"UNet halves it {levels - 1} times (model.channel_mults has {levels} levels)")
@@ -220,6 +226,24 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 "without it the model never learns the unconditional prediction")
 
     dose = cfg.dose
+    if cfg.train.task == "lesion":
+        require(m.objective == "diffusion", f"model.objective {m.objective!r} needs train.task "
+                "'dose': the lesion workload trains a diffusion model only")
+    else:
+        require(m.dims == 3, "train.task 'dose' needs model.dims 3 (volumes)")
+        require(m.conditioning == "none" and not m.use_prior,
+                "train.task 'dose' needs model.conditioning 'none' and model.use_prior false: "
+                "the anatomy channels are the condition")
+        require(m.in_channels == 1 and m.out_channels == 1,
+                f"train.task 'dose' needs model.in_channels 1 and model.out_channels 1 (the "
+                f"dose), got {m.in_channels} and {m.out_channels}")
+        require(dose.patch_size % 2 ** (levels - 1) == 0,
+                f"dose.patch_size={dose.patch_size} must be divisible by {2 ** (levels - 1)}: "
+                f"the UNet halves it {levels - 1} times (model.channel_mults has {levels} "
+                "levels)")
+        require(diff.cond_drop_prob == 0 and sm.guidance == 0,
+                "train.task 'dose' has no class token to drop: diffusion.cond_drop_prob and "
+                "sample.guidance must be 0")
     require(dose.source != "manifest" or dose.manifest is not None,
             "dose.source 'manifest' needs dose.manifest (the CSV of patient,ct,dose,... paths)")
     require(len(dose.ct_window) == 2 and dose.ct_window[0] < dose.ct_window[1],

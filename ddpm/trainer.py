@@ -5,6 +5,11 @@
 ``samples/epoch_XXXX.png``. Under ``torchrun`` every rank runs this same function; rank 0
 alone writes files.
 
+One loop serves both workloads and all three objectives: ``train.task`` picks the task
+(``ddpm.tasks``: its data, how a batch becomes (x0, cond, extra), its validation and
+pictures) and ``model.objective`` the objective (``ddpm.objectives``: diffusion, flow or
+regression, all called as ``objective(model, x0, cond, extra, generator, autocast)``).
+
 Exact resume: the randomness of a step comes from one noise generator (per rank) and the
 global RNGs, all saved in checkpoints; the data order of an epoch is a pure function of
 (seed, epoch), and a resumed epoch skips the batches already seen. So training 2N steps
@@ -25,8 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .builders import build_model, build_schedule, load_priors
-from .caching import ensure_cache, load_meta
+from .builders import build_model, build_schedule
 from .checkpoint import (
     BEST,
     LAST,
@@ -37,19 +41,12 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import Config, config_to_dict, save_config
-from .data import SliceDataset
 from .ema import EMA
 from .losses import DiffusionLoss
-from .objectives import DiffusionObjective
-from .runtime import Dist, EpochSampler, setup_distributed
-from .validation import (
-    alarms,
-    batch_conditions,
-    fixed_validation_batch,
-    validate_live_and_ema,
-    write_performance,
-    write_sample_grid,
-)
+from .objectives import build_objective
+from .runtime import Dist, setup_distributed
+from .tasks import DoseTask, LesionTask
+from .validation import write_performance
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -146,25 +143,24 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
     tc, oc = cfg.train, cfg.optim
 
-    # 1. Data. Rank 0 builds the cache when it is absent; the others wait, then verify it.
-    if dist_info.is_main:
-        cache_dir = ensure_cache(cfg.data, config_path, progress=progress)
-    if dist_info.active:
-        dist.barrier()
-    if not dist_info.is_main:
-        cache_dir = ensure_cache(cfg.data, config_path, progress=False)
-    train_set = SliceDataset(cache_dir, "train", with_prior=cfg.model.use_prior)
-    val_set = SliceDataset(cache_dir, "val", with_prior=cfg.model.use_prior)
-    sampler = EpochSampler(train_set.pathology, tc.seed, cfg.data.oversample_lesions, dist_info)
-    loader = DataLoader(train_set, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+    # 1. Data: the task builds (or verifies) its cache; rank 0 first, the others wait.
+    if tc.task == "lesion":
+        task = LesionTask(cfg, dist_info, config_path, progress)
+    elif tc.task == "dose":
+        task = DoseTask(cfg, dist_info, config_path, progress)
+    else:
+        raise ValueError(f"unknown train.task {tc.task!r}; expected 'lesion' or 'dose'")
+    loader = DataLoader(task.train_set, batch_size=tc.batch_size, sampler=task.sampler,
+                        drop_last=True, num_workers=cfg.data.num_workers,
+                        pin_memory=device.type == "cuda",
                         persistent_workers=cfg.data.num_workers > 0)
-    steps_per_epoch = len(train_set) // dist_info.world_size // tc.batch_size // oc.grad_accum
+    steps_per_epoch = task.samples_per_epoch // dist_info.world_size // tc.batch_size
+    steps_per_epoch //= oc.grad_accum
     if steps_per_epoch < 1:
-        raise ValueError(f"the training split ({len(train_set)} slices over "
-                         f"{dist_info.world_size} rank(s)) holds less than one optimizer step of "
-                         f"train.batch_size={tc.batch_size} x optim.grad_accum={oc.grad_accum}")
-    meta, priors = load_meta(cache_dir), load_priors(cache_dir)  # both travel in checkpoints
+        raise ValueError(f"the training split ({task.samples_per_epoch} {task.unit} per epoch "
+                         f"over {dist_info.world_size} rank(s)) holds less than one optimizer "
+                         f"step of train.batch_size={tc.batch_size} x optim.grad_accum="
+                         f"{oc.grad_accum}")
 
     # 2. Model, loss, optimiser, EMA. Same seed on every rank (DDP also broadcasts rank 0's).
     torch.manual_seed(tc.seed)
@@ -173,7 +169,7 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = DiffusionLoss(
-        channel_names=("image", "mask")[: cfg.model.out_channels],
+        channel_names=task.channel_names[: cfg.model.out_channels],
         channel_weights=cfg.loss.channel_weights, lesion_weight=cfg.loss.lesion_weight,
         uncertainty_weighting=cfg.loss.uncertainty_weighting,
         min_snr_gamma=cfg.loss.min_snr_gamma, prediction=cfg.diffusion.prediction,
@@ -192,8 +188,7 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
         noise_gen=torch.Generator(device).manual_seed(tc.seed * 7919 + dist_info.rank),
     )
     schedule = build_schedule(cfg).to(device)
-    objective = DiffusionObjective(schedule, loss_fn, cfg.diffusion.prediction,
-                                   cfg.diffusion.cond_drop_prob, model.null_token)
+    objective = build_objective(cfg, schedule, loss_fn, model.null_token)
 
     # 3. Resume, or start a fresh run folder.
     resume_path = find_last_checkpoint(run_dir) if resume == "auto" else resume
@@ -221,29 +216,25 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
         noise_states = _all_ranks(state.noise_gen.get_state(), dist_info)
         if dist_info.is_main:
             save_checkpoint({**state.state_dict(noise_states), "config": config_to_dict(cfg),
-                             "world_size": dist_info.world_size, "cache_meta": meta,
-                             "priors": priors}, run_dir / "checkpoints" / name)
+                             "world_size": dist_info.world_size, **task.checkpoint_extras()},
+                            run_dir / "checkpoints" / name)
 
-    val_batch = fixed_validation_batch(val_set, cfg.eval.batch_size * cfg.eval.val_batches)
     result = RunResult(run_dir, state.step, state.epoch, state.history)
     bad_steps, start = 0, time.time()
 
     # 4. The loop.
     while state.epoch < tc.epochs:
         done = state.step - state.epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-        sampler.set_epoch(state.epoch, skip=done * oc.grad_accum * tc.batch_size)
+        task.sampler.set_epoch(state.epoch, skip=done * oc.grad_accum * tc.batch_size)
         model.train()
         loss_sum, loss_count, part_sums = torch.zeros((), device=device), 0, {}
         bar = tqdm(total=steps_per_epoch, initial=done, leave=False,
                    desc=f"epoch {state.epoch + 1}/{tc.epochs}",
                    disable=not (progress and dist_info.is_main))
         for micro, batch in enumerate(loader):
-            x0 = batch["x"].to(device, non_blocking=True)  # (B, 2, H, W): image, mask in [-1, 1]
+            x0, cond, extra = task.unpack(batch, device)  # target, model kwargs, channels
             if channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
-            cond = batch_conditions(batch, cfg.model.conditioning, cfg.data.n_bins)
-            cond = {k: v.to(device) for k, v in cond.items()}
-            extra = batch["prior"].to(device) if cfg.model.use_prior else None
 
             accumulating = (micro + 1) % oc.grad_accum != 0
             no_sync = train_model.no_sync if accumulating and dist_info.active else None
@@ -297,14 +288,11 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
             row = {"epoch": epoch, "step": state.step, "lr": lr_schedule.get_last_lr()[0],
                    "train_loss": train_loss, "time_s": round(time.time() - start, 1),
                    **{k: v / max(loss_count, 1) for k, v in part_sums.items()}}
-            live, ema_metrics = validate_live_and_ema(model, state.ema, schedule, val_batch, cfg,
-                                                      autocast_dtype)
-            row.update({f"{k}_live": v for k, v in live.items()})
-            row.update({f"{k}_ema": v for k, v in ema_metrics.items()})
+            metrics, warnings, summary = task.validate(
+                model, state.ema, objective, schedule, autocast_dtype,
+                after_warmup=state.step > oc.warmup_steps)
+            row.update(metrics)
             row["ema_distance"] = state.ema.distance(model)
-            t_check = min(cfg.eval.timesteps)
-            warnings = alarms(live, ema_metrics, t_check, cfg.eval.alarm_psnr_gap_db,
-                              after_warmup=state.step > oc.warmup_steps)
             row["alarm"] = " | ".join(warnings)
             for message in warnings:
                 say(f"WARNING (epoch {epoch}, step {state.step}): {message}")
@@ -312,14 +300,12 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
             state.history.append(row)
             if dist_info.is_main:
                 write_performance(run_dir / "performance.csv", state.history)
-            say(f"epoch {epoch} step {state.step}: loss {train_loss:.4f} | x0-PSNR t={t_check} "
-                f"live {live[f'psnr_t{t_check}']:.2f} dB, EMA {ema_metrics[f'psnr_t{t_check}']:.2f}"
-                " dB")
+            say(f"epoch {epoch} step {state.step}: loss {train_loss:.4f} | {summary}")
             if tc.early_stop_metric is not None and _improved(state, row, tc.early_stop_metric):
                 save(BEST)
         if finished_epoch and dist_info.is_main and (epoch % tc.sample_every == 0 or last_epoch):
-            write_sample_grid(model, state.ema, schedule, cfg, priors, meta["image_size"],
-                              run_dir / "samples" / f"epoch_{epoch:04d}.png")
+            task.write_samples(model, state.ema, schedule,
+                               run_dir / "samples" / f"epoch_{epoch:04d}.png")
         if (finished_epoch and epoch % tc.checkpoint_every == 0) or stop_now or last_epoch:
             save(LAST)
         if stop_now:
@@ -376,14 +362,22 @@ def _improved(state: TrainState, row: dict, metric: str) -> bool:
 
 
 def _check_resumable(checkpoint: dict, cfg: Config, path) -> None:
-    """Refuse to resume a checkpoint whose data, model or diffusion settings differ."""
+    """Refuse to resume a checkpoint whose data or model settings differ, or those of its
+    objective (the diffusion section for diffusion, the flow section for flow)."""
     current = config_to_dict(cfg)
-    ignored = {"num_workers", "oversample_lesions", "compile"}
+    # Settings that change neither the data nor the model (loading, compiling, inference).
+    ignored = {"num_workers", "oversample_lesions", "compile", "window_overlap", "window_batch"}
+    sections = ["dose" if cfg.train.task == "dose" else "data", "model"]
+    if cfg.model.objective in ("diffusion", "flow"):  # each has a config section of its name
+        sections.append(cfg.model.objective)
     diffs = [
         f"{section}.{key}: checkpoint {value!r}, config {current[section].get(key)!r}"
-        for section in ("data", "model", "diffusion")
-        for key, value in checkpoint["config"][section].items()
+        for section in sections
+        for key, value in checkpoint["config"].get(section, {}).items()
         if key not in ignored and current[section].get(key) != value
     ]
+    task = checkpoint["config"].get("train", {}).get("task", "lesion")
+    if task != cfg.train.task:
+        diffs.append(f"train.task: checkpoint {task!r}, config {cfg.train.task!r}")
     if diffs:
         raise ValueError(f"cannot resume from {path}: settings differ:\n  " + "\n  ".join(diffs))
