@@ -216,7 +216,10 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
         noise_states = _all_ranks(state.noise_gen.get_state(), dist_info)
         if dist_info.is_main:
             save_checkpoint({**state.state_dict(noise_states), "config": config_to_dict(cfg),
-                             "world_size": dist_info.world_size, **task.checkpoint_extras()},
+                             "world_size": dist_info.world_size,
+                             # What sampling must reproduce; evaluate.py --diagnose compares it.
+                             "schedule": {**schedule.describe(), "betas": schedule.betas.cpu()},
+                             **task.checkpoint_extras()},
                             run_dir / "checkpoints" / name)
 
     result = RunResult(run_dir, state.step, state.epoch, state.history)

@@ -233,6 +233,17 @@ def test_a_healthy_checkpoint_has_no_failed_check(checkpoint):
     checks = {c.name: c for c in diagnose(checkpoint, **DIAGNOSE)}
     assert not [c for c in checks.values() if c.verdict == FAIL], checks
     assert checks["EMA age"].verdict == PASS and checks["x0 reconstruction"].verdict == PASS
+    # The checkpoint records the training betas, so the schedule check compares them.
+    assert checks["schedule"].values["max_beta_difference"] == 0.0
+
+
+def test_a_sampling_schedule_with_other_betas_than_the_checkpoint_records_fails(
+        checkpoint, tmp_path):
+    state = load_checkpoint(checkpoint)
+    state["schedule"]["betas"] = state["schedule"]["betas"] * 1.01
+    altered = save_checkpoint(state, tmp_path / "altered_betas.pt")
+    checks = {c.name: c for c in diagnose(altered, **DIAGNOSE)}
+    assert checks["schedule"].verdict == FAIL and "betas" in checks["schedule"].explanation
 
 
 def test_an_ema_never_updated_fails_the_ema_checks(checkpoint, tmp_path):
