@@ -13,8 +13,9 @@ The comparison uses one sample (seed ``seed``) at each model's default steps. Th
 run for the generative models: ``steps`` (``ablation_samples`` samples per step count: MAE
 of each sample, per-voxel std across them inside the body, seconds per sample) and
 ``ensemble`` (N samples at the default steps: MAE of their mean, their per-voxel std,
-seconds for all N). Samples are shared: the seed-k sample at s steps is computed once, so
-an ensemble of 5 holds the comparison's sample and the ensemble of 3.
+seconds for all N). Samples are shared: the seed-k sample at s steps is computed once per
+patient, so an ensemble of 5 holds the comparison's sample and the ensemble of 3; they are
+dropped once the patient is scored.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from .schedule import NoiseSchedule
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 GAMMA_CRITERIA = {"gamma_3pct_3mm": (3.0, 3.0), "gamma_2pct_2mm": (2.0, 2.0)}  # (%, mm)
 GENERATIVE = ("diffusion", "flow")
+PICTURES = 3  # doses_<patient>.png for the first patients only
 
 
 @dataclass
@@ -170,6 +172,11 @@ class SampleBank:
             self.seconds[key] = time.perf_counter() - start
         return self.doses[key], self.seconds[key]
 
+    def forget(self, m: DoseModel, patient: str) -> None:
+        """Drop the samples of one model and patient (all that is needed of them is kept)."""
+        for key in [k for k in self.doses if k[:2] == (m.name, patient)]:
+            del self.doses[key], self.seconds[key]
+
 
 def _std_in_body(samples: list[torch.Tensor], body) -> float:
     """Mean over the body of the per-voxel std (unbiased) across ``samples``; 0 for one."""
@@ -190,7 +197,8 @@ def evaluate_dose(checkpoints, out_dir, settings: DoseEvalSettings | None = None
 
     Returns the metrics dict (also written). Files in ``out_dir``: comparison.csv (one row
     per model), per_patient.csv, dvh_errors.csv, steps_ablation.csv/.png and
-    ensemble_ablation.csv/.png (when asked for), doses_<patient>.png, summary.md.
+    ensemble_ablation.csv/.png (when asked for), doses_<patient>.png (first 3 patients),
+    summary.md.
     """
     settings = settings or DoseEvalSettings()
     out_dir = Path(out_dir)
@@ -265,8 +273,9 @@ def _evaluate_model(m: DoseModel, dataset, n_patients: int, settings: DoseEvalSe
         per_patient.append({"model": m.name, "patient": patient,
                             "steps": default if m.objective in GENERATIVE else "",
                             "time_s": seconds, **metrics})
-        examples.setdefault(patient, {})[m.name] = pred
-        examples.setdefault("_ct", {})[patient] = (item["anatomy"][0], ref_gy)
+        if k < PICTURES:
+            examples.setdefault(patient, {})[m.name] = pred
+            examples.setdefault("_ct", {})[patient] = (item["anatomy"][0], ref_gy)
         for s in steps_list:
             doses, times = zip(*[get(s, seed) for seed in seeds_steps], strict=True)
             by_steps[s]["mae"] += [dose_score(d, ref_gy, body) for d in doses]
@@ -278,6 +287,7 @@ def _evaluate_model(m: DoseModel, dataset, n_patients: int, settings: DoseEvalSe
             by_size[n]["single"] += [dose_score(d, ref_gy, body) for d in doses]
             by_size[n]["std"].append(_std_in_body(list(doses), body))
             by_size[n]["time"].append(sum(times))
+        bank.forget(m, patient)
     steps_rows = [{"model": m.name, "objective": m.objective, "steps": s,
                    "mae_gy": _mean(v["mae"]), "std_gy": _mean(v["std"]),
                    "time_s": _mean(v["time"]), "samples": len(seeds_steps),
@@ -377,20 +387,28 @@ def summary_markdown(metrics: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def write_ablation_plots(metrics: dict, out_dir: Path) -> None:
+    """The steps and ensemble ablation tables and plots, regression MAEs as reference lines."""
+    references = {r["model"]: r["mae_gy"] for r in metrics["comparison"]
+                  if r["method"].startswith("regression")}
+    if metrics["steps_ablation"]:
+        _atomic_text(out_dir / "steps_ablation.csv", _csv_text(metrics["steps_ablation"]))
+        ablation_plot(metrics["steps_ablation"], "steps", out_dir / "steps_ablation.png",
+                      "Sampling steps: MAE and sample spread", log_x=True,
+                      references=references)
+    if metrics["ensemble_ablation"]:
+        _atomic_text(out_dir / "ensemble_ablation.csv", _csv_text(metrics["ensemble_ablation"]))
+        ablation_plot(metrics["ensemble_ablation"], "ensemble", out_dir / "ensemble_ablation.png",
+                      "Ensemble size: MAE of the mean and sample spread", references=references)
+
+
 def _write_outputs(out_dir: Path, metrics: dict, examples: dict, scale_gy: float) -> None:
     _atomic_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     _atomic_text(out_dir / "comparison.csv", _csv_text(metrics["comparison"]))
     _atomic_text(out_dir / "per_patient.csv", _csv_text([_flat(r) for r in
                                                          metrics["per_patient"]]))
     _atomic_text(out_dir / "dvh_errors.csv", _csv_text(_dvh_table(metrics["per_patient"])))
-    if metrics["steps_ablation"]:
-        _atomic_text(out_dir / "steps_ablation.csv", _csv_text(metrics["steps_ablation"]))
-        ablation_plot(metrics["steps_ablation"], "steps", out_dir / "steps_ablation.png",
-                      "Sampling steps: MAE and sample spread", log_x=True)
-    if metrics["ensemble_ablation"]:
-        _atomic_text(out_dir / "ensemble_ablation.csv", _csv_text(metrics["ensemble_ablation"]))
-        ablation_plot(metrics["ensemble_ablation"], "ensemble", out_dir / "ensemble_ablation.png",
-                      "Ensemble size: MAE of the mean and sample spread")
+    write_ablation_plots(metrics, out_dir)
     _atomic_text(out_dir / "summary.md", summary_markdown(metrics))
     cts = examples.pop("_ct", {})
     for patient, predictions in examples.items():

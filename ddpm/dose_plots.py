@@ -40,10 +40,14 @@ def dose_panels(ct, reference_gy, predictions: dict, path, title: str = "",
     return save_figure(fig, path)
 
 
-def ablation_plot(rows: list[dict], x: str, path, title: str, log_x: bool = False):
+def ablation_plot(rows: list[dict], x: str, path, title: str, log_x: bool = False,
+                  references: dict[str, float] | None = None):
     """MAE (Gy, left axis) and per-voxel sample std (Gy, right axis) against ``x``, one line
-    per model; ``rows`` are ablation table rows with keys model, ``x``, mae_gy, std_gy."""
+    per model; ``rows`` are ablation table rows with keys model, ``x``, mae_gy, std_gy.
+    ``references`` maps a label to an MAE drawn as a horizontal line (e.g. regression)."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    for k, (label, mae) in enumerate((references or {}).items()):
+        ax.axhline(mae, color="0.4", ls=":" if k else "-.", lw=1, label=f"{label} MAE")
     ax_std = ax.twinx()
     for k, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
         mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r[x])
@@ -54,6 +58,8 @@ def ablation_plot(rows: list[dict], x: str, path, title: str, log_x: bool = Fals
                     alpha=0.7, label=f"{model} std")
     if log_x:
         ax.set_xscale("log")
+    ax.set_ylim(bottom=0)  # differences read against the whole error, not a zoomed axis
+    ax_std.set_ylim(bottom=0)
     ax.set_xlabel(x.replace("_", " "))
     ax.set_ylabel("MAE in the body (Gy)")
     ax_std.set_ylabel("per-voxel sample std (Gy, dashed)")
