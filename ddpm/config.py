@@ -129,7 +129,7 @@ class ModelConfig:
     conditioning: Literal["token", "position", "none"] = "token"
     use_prior: bool = False  # concatenate the mean brain mask of the slice's z-bin as input
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    channels_last: bool = True  # NHWC memory layout (faster convolutions on recent GPUs)
+    channels_last: bool = True  # 2D: weights and batches in NHWC layout (bench/README.md)
     compile: bool = False  # wrap the model in torch.compile
 
 

@@ -20,11 +20,156 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from ddpm.conditioning import PositionEmbedding, TokenEmbedding, sinusoidal_embedding
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+_CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+
+
+def _native_conv3d_is_slow(x: torch.Tensor, conv: nn.Conv3d) -> bool:
+    """Whether PyTorch would run this float32 3x3x3 convolution with its slow im2col kernel.
+
+    PyTorch picks oneDNN for a float32 CPU convolution only if the batch is > 1 or
+    N * C * D * H > 20480 (a heuristic tuned on 2D shapes; it ignores W). With batch 1 that
+    sends the low-resolution levels of a 3D UNet (e.g. 128 x 12^3) to a native kernel that is
+    2-3x slower than oneDNN, forward and backward. bfloat16 always goes to oneDNN.
+    """
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not torch.is_autocast_enabled("cpu")
+        and x.shape[0] == 1
+        and x.shape[0] * x.shape[1] * x.shape[2] * x.shape[3] <= 20480
+        and conv.kernel_size == (3, 3, 3)
+        and conv.stride == (1, 1, 1)
+        and conv.padding == (1, 1, 1)
+        and conv.dilation == (1, 1, 1)
+        and conv.groups == 1
+    )
+
+
+def conv3d_as_conv2d(x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """A 3x3x3 convolution (stride 1, zero padding 1) computed by one 2D convolution.
+
+    out[:, :, d] = sum_k conv2d(x[:, :, d + k - 1], W[:, :, k]) with x zero outside the volume:
+    the depth slices become the batch of one conv2d whose 3 * C_out output channels are the
+    three depth taps, then each output slice sums its three taps. Same arithmetic as conv3d,
+    but the batch of D slices takes oneDNN's fast path (see ``_native_conv3d_is_slow``).
+    """
+    n, c, d, h, w = x.shape
+    o = weight.shape[0]
+    slices = x.movedim(2, 1).reshape(n * d, c, h, w)  # (N D, C, H, W); a view if channels-last
+    taps = weight.movedim(2, 0).reshape(3 * o, c, 3, 3)  # (3 C_out, C, 3, 3), tap-major
+    tap_bias = None
+    if bias is not None:  # the bias belongs to the output once: put it on the middle tap
+        zeros = torch.zeros_like(bias)
+        tap_bias = torch.cat([zeros, bias, zeros])
+    y = F.conv2d(slices, taps, tap_bias, padding=1)  # (N D, 3 C_out, H, W)
+    y = y.permute(0, 2, 3, 1).reshape(n, d, h, w, 3, o)  # a view if channels-last
+    out = y[..., 1, :].contiguous()  # (N, D, H, W, C_out): the tap at the same depth
+    out[:, 1:] += y[:, :-1, ..., 0, :]  # slice d - 1 through the first tap
+    out[:, :-1] += y[:, 1:, ..., 2, :]  # slice d + 1 through the last tap
+    return out.permute(0, 4, 1, 2, 3)  # (N, C_out, D, H, W), channels-last strides
+
+
+class Conv3d(nn.Conv3d):
+    """``nn.Conv3d`` that avoids PyTorch's slow float32 CPU kernel for batch-1 volumes."""
+
+    def _conv_forward(self, x, weight, bias):
+        if self.padding_mode == "zeros" and _native_conv3d_is_slow(x, self):
+            return conv3d_as_conv2d(x, weight, bias)
+        return super()._conv_forward(x, weight, bias)
+
+
+_CONV = {2: nn.Conv2d, 3: Conv3d}
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout ``x`` is in: contiguous (NC...) or channels-last (N...C)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    channels_last = _CHANNELS_LAST[x.ndim - 2]
+    if x.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return torch.contiguous_format
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """y = SiLU(GroupNorm(x) * a + b), keeping only x and the group statistics for backward.
+
+    Separate GroupNorm, scale-shift and SiLU modules would each keep their input alive until
+    the backward pass: three activation-sized tensors per use. This keeps one (x, which the
+    caller holds anyway) and recomputes the cheap elementwise part in the backward pass.
+    ``a``, ``b`` are (1 or B, C): the GroupNorm affine folded with any scale-shift.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, groups: int, eps: float, silu: bool):
+        # native_group_norm takes channels-last on CPU only, and nothing strided oddly.
+        layout = _memory_format(x) if x.device.type == "cpu" else torch.contiguous_format
+        x = x.contiguous(memory_format=layout)
+        n, c = x.shape[:2]
+        xhat, mean, rstd = torch.ops.aten.native_group_norm(
+            x, None, None, n, c, x[0, 0].numel(), groups, eps)
+        z = torch.addcmul(_per_channel(b, x), xhat, _per_channel(a, x))
+        ctx.save_for_backward(x, a, b, mean, rstd)
+        ctx.groups, ctx.eps, ctx.silu = groups, eps, silu
+        return F.silu(z, inplace=True) if silu else z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, a, b, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        groups, spatial = ctx.groups, tuple(range(2, x.ndim))
+        xhat = torch.ops.aten.native_group_norm(
+            x, None, None, n, c, x[0, 0].numel(), groups, ctx.eps)[0]
+        grad_z = grad_y
+        if ctx.silu:
+            z = torch.addcmul(_per_channel(b, x), xhat, _per_channel(a, x))
+            grad_z = torch.ops.aten.silu_backward(grad_y, z)
+            del z
+        # Sums in the input dtype (CPU and CUDA accumulate bf16 in fp32 internally); asking
+        # for an fp32 result would first copy the whole tensor to fp32.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        grad_b = grad_z.sum(spatial).to(acc)  # (B, C)
+        grad_a = (grad_z * xhat).sum(spatial).to(acc)  # (B, C)
+        # GroupNorm's input gradient with g = a * grad_z, r = rstd, means over each group:
+        # dx = r * (g - mean(g) - xhat * mean(g * xhat)); both means follow from grad_a, grad_b.
+        a32 = a.to(acc).expand(n, c)
+        r = rstd.to(acc).reshape(n, groups, 1)
+        mean_g = (a32 * grad_b).reshape(n, groups, -1).mean(-1, keepdim=True) / x[0, 0].numel()
+        mean_gx = (a32 * grad_a).reshape(n, groups, -1).mean(-1, keepdim=True) / x[0, 0].numel()
+        coef_grad = (a32.reshape(n, groups, -1) * r).reshape(n, c)
+        coef_xhat = (-mean_gx * r).expand(n, groups, c // groups).reshape(n, c)
+        const = (-mean_g * r).expand(n, groups, c // groups).reshape(n, c)
+        grad_x = torch.addcmul(_per_channel(const, x), xhat, _per_channel(coef_xhat, x))
+        grad_x = torch.addcmul(grad_x, grad_z, _per_channel(coef_grad, x))
+        if a.shape[0] == 1 < n:  # a, b were broadcast over the batch
+            grad_a, grad_b = grad_a.sum(0, keepdim=True), grad_b.sum(0, keepdim=True)
+        return grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None
+
+
+def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(1 or B, C) -> (1 or B, C, 1, ...) in the dtype of ``like``, to broadcast against it."""
+    return v.to(like.dtype).reshape(v.shape + (1,) * (like.ndim - 2))
+
+
+def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | None = None,
+                    shift: torch.Tensor | None = None, silu: bool = True) -> torch.Tensor:
+    """SiLU(norm(x) * (1 + scale) + shift) in one memory-saving autograd node.
+
+    ``scale``, ``shift``: (B, C) or None; ``silu=False`` leaves out the SiLU. The GroupNorm
+    affine and the scale-shift fold into one per-channel multiply-add: with
+    a = gamma (1 + scale) and b = beta (1 + scale) + shift the result is SiLU(xhat a + b).
+    """
+    a, b = norm.weight[None], norm.bias[None]  # (1, C)
+    if scale is not None:
+        a, b = a * (1 + scale), b * (1 + scale) + shift
+    return _GroupNormSiLU.apply(x, a, b, norm.num_groups, norm.eps, silu)
 
 
 def _zero_init(module: nn.Module) -> nn.Module:
@@ -56,11 +201,9 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """``x`` (B, C_in, *S); ``emb`` (B, emb_dim), already passed through SiLU."""
-        h = self.conv1(F.silu(self.norm1(x)))  # (B, C_out, *S)
-        film = self.emb_proj(emb)[(..., *([None] * self.dims))]  # (B, 2 C_out, 1, ...)
-        scale, shift = film.chunk(2, dim=1)
-        h = self.norm2(h) * (1 + scale) + shift
-        h = self.conv2(self.dropout(F.silu(h)))
+        h = self.conv1(group_norm_silu(x, self.norm1))  # (B, C_out, *S)
+        scale, shift = self.emb_proj(emb).chunk(2, dim=1)  # (B, C_out) each
+        h = self.conv2(self.dropout(group_norm_silu(h, self.norm2, scale, shift)))
         return self.skip(x) + h
 
 
@@ -82,14 +225,19 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
         heads = self.num_heads
-        qkv = self.qkv(self.norm(x))  # (B, 3C, *S)
-        # Views only: (B, 3C, *S) -> (B, 3, heads, d, N) -> (B, 3, heads, N, d). With a
-        # channels-last input the head dimension d is then the contiguous one, as SDPA prefers.
-        qkv = qkv.reshape(b, 3, heads, c // heads, -1).transpose(-1, -2)
-        q, k, v = qkv.unbind(1)  # each (B, heads, N, d)
+        # Work on tokens (B, N, C): a view of a channels-last x. The 1x1 convolutions are
+        # applied as matrix products, and q, k, v come out with the head dimension d
+        # contiguous, as the fused SDPA kernels (flash attention on CPU) need; otherwise
+        # PyTorch falls back to a kernel that stores the (N, N) attention matrix.
+        tokens = group_norm_silu(x, self.norm, silu=False).movedim(1, -1).reshape(b, -1, c)
+        qkv = F.linear(tokens, self.qkv.weight.flatten(1), self.qkv.bias)  # (B, N, 3C)
+        qkv = qkv.reshape(b, -1, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, d)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, d)
-        h = h.transpose(-1, -2).reshape(b, c, *spatial)  # (B, C, *S)
-        return x + self.proj_out(h)
+        h = h.transpose(1, 2).reshape(b, -1, c)  # (B, N, C)
+        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        h = h.reshape(b, *spatial, c).movedim(-1, 1)  # (B, C, *S), channels-last strides
+        return x + h.contiguous(memory_format=_memory_format(x))
 
 
 class Downsample(nn.Module):
@@ -130,6 +278,11 @@ class UNet(nn.Module):
     stages, each fed the concatenation with the matching encoder activation (Ho et al. 2020),
     then a nearest+conv upsample (not on the first level). Level ``i`` has
     ``base_channels * channel_mults[i]`` channels; ``attention_levels`` lists level indices.
+
+    ``channels_last``: compute in the channels-last layout (N, *S, C in memory). None (the
+    default) means on CPU, where oneDNN's convolutions, GroupNorm and flash attention all run
+    natively in that layout and the contiguous layout costs a reorder per convolution. The
+    output is returned in the layout of the input either way.
     """
 
     def __init__(
@@ -147,6 +300,7 @@ class UNet(nn.Module):
         use_position: bool = False,
         norm_groups: int = 32,
         gradient_checkpointing: bool = False,
+        channels_last: bool | None = None,
     ):
         super().__init__()
         channel_mults, attention_levels = tuple(channel_mults), tuple(attention_levels)
@@ -157,6 +311,7 @@ class UNet(nn.Module):
         self.channel_mults = channel_mults
         self.num_classes, self.use_position = num_classes, use_position
         self.gradient_checkpointing = gradient_checkpointing
+        self.channels_last = channels_last
         conv = _CONV[dims]
         emb_dim = 4 * base_channels
 
@@ -229,6 +384,11 @@ class UNet(nn.Module):
         Returns (B, out_channels, *S).
         """
         self._check_input(x)
+        input_format = _memory_format(x)
+        use_channels_last = (self.channels_last if self.channels_last is not None
+                             else x.device.type == "cpu")
+        if use_channels_last:
+            x = x.contiguous(memory_format=_CHANNELS_LAST[self.dims])
         emb = self._embedding(x, t, token, position)  # (B, emb_dim)
         emb = F.silu(emb)  # every ResBlock projects SiLU(emb); computed once here
 
@@ -248,7 +408,8 @@ class UNet(nn.Module):
                 h = module(h)
             else:
                 h = self._stage(module, torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+        norm, _, conv = self.out  # GroupNorm, SiLU, conv
+        return conv(group_norm_silu(h, norm)).contiguous(memory_format=input_format)
 
     def _stage(self, stage: Stage, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self._block(stage.res, h, emb)
@@ -294,8 +455,10 @@ class UNet(nn.Module):
                     f"{token.dtype} {tuple(token.shape)}"
                 )
             # A range check needs the values on the host; skip it on accelerators where
-            # it would stall the pipeline (the embedding lookup fails there anyway).
-            if token.device.type == "cpu" and token.numel() and int(token.max()) > self.num_classes:
+            # it would stall the pipeline (the embedding lookup fails there anyway), and
+            # under torch.compile, where reading a value splits the graph.
+            if (token.device.type == "cpu" and not torch.compiler.is_compiling()
+                    and token.numel() and int(token.max()) > self.num_classes):
                 raise ValueError(
                     f"token {int(token.max())} out of range: expected 0..{self.num_classes - 1}, "
                     f"or {self.num_classes} / a negative value for the null token"

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from ddpm.caching import build_cache
 from ddpm.config import config_from_dict
@@ -38,3 +39,16 @@ def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     build_cache(tiny_config(root).data, progress=False)
     return root
+
+
+def randomise(model: nn.Module) -> nn.Module:
+    """Replace every weight (zero-initialised ones included) with small noise.
+
+    A fresh UNet outputs exactly zero (zero-initialised output conv), so without this any
+    test comparing two outputs would pass whatever the conditioning did.
+    """
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
+    return model

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from conftest import randomise
 from torch import nn
 
 from ddpm.unet import AttentionBlock, UNet
@@ -22,18 +23,6 @@ def tiny_unet(dims: int = 2, **overrides) -> UNet:
     torch.manual_seed(0)
     return UNet(**kwargs)
 
-
-def randomise(model: nn.Module) -> nn.Module:
-    """Replace every weight (zero-initialised ones included) with small noise.
-
-    A fresh UNet outputs exactly zero (zero-initialised output conv), so without this any
-    test comparing two outputs would pass whatever the conditioning did.
-    """
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.1)
-    return model
 
 
 def inputs(dims: int, batch: int = 2, size: int | None = None):

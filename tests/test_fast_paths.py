@@ -1,0 +1,203 @@
+"""The UNet's fast paths compute the same numbers as the plain ones, within stated tolerances.
+
+float32 paths that only reorder the arithmetic (memory layout, the 3D convolution as a 2D
+one, the fused GroupNorm + SiLU) must agree to float32 rounding: rtol 1e-4, atol 1e-5 on
+values of order one. Where the math itself is checked, float64 is used and the bound is tight.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomise
+from torch import nn
+
+import ddpm.unet as unet_module
+from ddpm.unet import AttentionBlock, Conv3d, UNet, conv3d_as_conv2d, group_norm_silu
+
+FP32 = dict(rtol=1e-4, atol=1e-5)
+
+
+def tiny_unet(dims: int, **overrides) -> UNet:
+    """Two levels, attention on the lower one, every weight random (none zero-initialised)."""
+    kwargs = dict(dims=dims, in_channels=2, out_channels=2, base_channels=16,
+                  channel_mults=(1, 2), num_res_blocks=1, attention_levels=(1,), num_heads=2,
+                  norm_groups=8, num_classes=4)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return randomise(UNet(**kwargs))
+
+
+def inputs(dims: int, batch: int = 2, size: int | None = None):
+    torch.manual_seed(2)
+    size = size or (16 if dims == 2 else 8)
+    x = torch.randn(batch, 2, *([size] * dims))
+    return x, torch.randint(0, 1000, (batch,)), torch.tensor([0, 3, 1, 2][:batch])
+
+
+def output_and_grads(model: UNet, x, t, token):
+    out = model(x, t, token)
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_computes_what_contiguous_computes(dims):
+    x, t, token = inputs(dims)
+    out_cl, grads_cl = output_and_grads(tiny_unet(dims, channels_last=True), x, t, token)
+    out_nc, grads_nc = output_and_grads(tiny_unet(dims, channels_last=False), x, t, token)
+    torch.testing.assert_close(out_cl, out_nc, **FP32)
+    for name, grad in grads_nc.items():
+        torch.testing.assert_close(grads_cl[name], grad, **FP32, msg=name)
+
+
+@pytest.mark.parametrize("dims, layout", [(2, torch.channels_last), (3, torch.channels_last_3d)])
+def test_output_comes_back_in_the_layout_of_the_input(dims, layout):
+    model = tiny_unet(dims)  # channels-last inside, on CPU
+    x, t, token = inputs(dims)
+    assert model(x, t, token).is_contiguous()
+    assert model(x.contiguous(memory_format=layout), t, token).is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("shape", [(1, 16, 6, 5, 7), (2, 8, 4, 4, 4)])
+def test_conv3d_as_conv2d_matches_conv3d_and_its_gradients(shape, layout):
+    torch.manual_seed(3)
+    x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_()
+    conv = nn.Conv3d(shape[1], 5, 3, padding=1)
+    expected = F.conv3d(x, conv.weight, conv.bias, padding=1)
+    actual = conv3d_as_conv2d(x, conv.weight, conv.bias)
+    torch.testing.assert_close(actual, expected, **FP32)
+    grad = torch.randn_like(expected)
+    wrt = (x, conv.weight, conv.bias)
+    actual_grads = torch.autograd.grad(actual, wrt, grad)
+    for a, e in zip(actual_grads, torch.autograd.grad(expected, wrt, grad)):
+        torch.testing.assert_close(a, e, **FP32)
+
+
+@pytest.mark.parametrize("shape, dtype, rerouted", [
+    ((1, 128, 12, 12, 12), torch.float32, True),    # PyTorch would take its slow kernel
+    ((1, 32, 24, 24, 24), torch.float32, True),
+    ((1, 64, 24, 24, 24), torch.float32, False),    # oneDNN already: keep PyTorch's path
+    ((2, 128, 12, 12, 12), torch.float32, False),   # batch > 1: oneDNN already
+    ((1, 128, 12, 12, 12), torch.bfloat16, False),  # bfloat16 always goes to oneDNN
+])
+def test_only_slow_float32_batch1_convolutions_are_rerouted(shape, dtype, rerouted):
+    conv = Conv3d(shape[1], 8, 3, padding=1)
+    x = torch.empty(shape, dtype=dtype)
+    assert unet_module._native_conv3d_is_slow(x, conv) is rerouted
+
+
+def test_3d_unet_gives_the_same_gradients_with_and_without_the_rerouted_convolution(
+        monkeypatch):
+    x, t, token = inputs(3, batch=1, size=8)
+    fast_out, fast_grads = output_and_grads(tiny_unet(3), x, t, token)
+    monkeypatch.setattr(unet_module, "_native_conv3d_is_slow", lambda x, conv: False)
+    plain_out, plain_grads = output_and_grads(tiny_unet(3), x, t, token)
+    torch.testing.assert_close(fast_out, plain_out, **FP32)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, **FP32, msg=name)
+
+
+def plain_norm_silu(x, norm, scale, shift, silu):
+    h = norm(x)
+    if scale is not None:
+        h = h * (1 + scale[..., None, None]) + shift[..., None, None]
+    return F.silu(h) if silu else h
+
+
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("film", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_fused_group_norm_silu_matches_the_separate_modules_in_float64(layout, film, silu):
+    torch.manual_seed(4)
+    norm = nn.GroupNorm(4, 16).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    # A mean far from zero and a spread unlike one: what a conv output looks like.
+    x = (torch.randn(3, 16, 5, 6, dtype=torch.float64) * 2 + 1).contiguous(memory_format=layout)
+    x.requires_grad_()
+    scale = torch.randn(3, 16, dtype=torch.float64, requires_grad=True) if film else None
+    shift = torch.randn(3, 16, dtype=torch.float64, requires_grad=True) if film else None
+    expected = plain_norm_silu(x, norm, scale, shift, silu)
+    actual = group_norm_silu(x, norm, scale, shift, silu)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    wrt = [x, norm.weight, norm.bias] + ([scale, shift] if film else [])
+    grad = torch.randn_like(expected)
+    actual_grads = torch.autograd.grad(actual, wrt, grad)
+    for a, e in zip(actual_grads, torch.autograd.grad(expected, wrt, grad)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def saved_activation_elements(fn, *args) -> int:
+    """Elements of the tensors autograd keeps for the backward pass (by storage, once each)."""
+    storages = {}
+
+    def pack(tensor):
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        fn(*args)
+    return sum(storages.values()) // 4
+
+
+def test_fused_group_norm_silu_keeps_only_its_input_for_backward():
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(2, 16, 32, 32, requires_grad=True)
+    scale = torch.randn(2, 16, requires_grad=True)
+    shift = torch.randn(2, 16, requires_grad=True)
+    fused = saved_activation_elements(group_norm_silu, x, norm, scale, shift)
+    plain = saved_activation_elements(plain_norm_silu, x, norm, scale, shift, True)
+    assert fused < 1.1 * x.numel() < plain / 2
+
+
+def test_attention_does_not_keep_the_attention_matrix_for_backward():
+    block = AttentionBlock(dims=2, channels=16, num_heads=2, groups=4)
+    x = torch.randn(1, 16, 32, 32, requires_grad=True)  # N = 1024 tokens
+    tokens = 32 * 32
+    assert saved_activation_elements(block, x) < tokens * tokens / 4
+
+
+def test_bf16_autocast_forward_stays_close_to_float32():
+    """bfloat16 keeps 8 significant bits: each rounding is off by up to 2^-9 (0.2%).
+
+    Through the ~20 convolutions, norms and attention of the tiny UNet such errors add up
+    like a random walk, to about 1% of the output's scale; 4% leaves room for unlucky seeds
+    while still failing if any part ran wrongly (a wrong layout or dtype gives errors of 100%).
+    """
+    for dims in (2, 3):
+        model = tiny_unet(dims).eval()
+        x, t, token = inputs(dims)
+        with torch.no_grad():
+            expected = model(x, t, token)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                actual = model(x, t, token)
+        assert actual.dtype == torch.bfloat16
+        relative = (actual.float() - expected).norm() / expected.norm()
+        assert relative < 0.04, f"{dims}D: relative error {relative:.3f}"
+
+
+@pytest.mark.parametrize("dims, checkpointing", [(2, False), (3, True)])
+def test_unet_compiles_as_one_graph(dims, checkpointing):
+    """``model.compile: true`` pays off only if torch.compile sees the whole network at once:
+    a graph break (e.g. reading a tensor's value on the host) splits it into pieces."""
+    model = tiny_unet(dims, gradient_checkpointing=checkpointing).train()
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(model)(*inputs(dims))
+    assert report.graph_break_count == 0, [str(b.reason)[:200] for b in report.break_reasons]
+
+
+@pytest.mark.slow
+def test_compiled_unet_computes_what_eager_computes():
+    """torch.compile (inductor) may reorder and fuse float32 arithmetic, nothing more."""
+    x, t, token = inputs(2)
+    eager_out, eager_grads = output_and_grads(tiny_unet(2), x, t, token)
+    torch._dynamo.reset()
+    model = tiny_unet(2)
+    compiled_out, compiled_grads = output_and_grads(torch.compile(model), x, t, token)
+    torch.testing.assert_close(compiled_out, eager_out, **FP32)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[f"_orig_mod.{name}"], grad, **FP32, msg=name)
