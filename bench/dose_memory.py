@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -27,16 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _rss_mb(field: str) -> float:
-    """VmRSS (now) or VmHWM (peak) of this process in MiB, from /proc (Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak only
+from bench._common import current_rss_mb, peak_rss_mb, write_json_atomic  # noqa: E402
 
 
 def measure(config: str, size: int, checkpointing: bool, device_name: str, batch: int | None
@@ -77,7 +67,7 @@ def measure(config: str, size: int, checkpointing: bool, device_name: str, batch
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    before = _rss_mb("VmRSS")
+    before = current_rss_mb()
     start = time.perf_counter()
     loss, _ = objective(model, x0, {}, anatomy, generator, autocast)
     loss.backward()
@@ -94,7 +84,7 @@ def measure(config: str, size: int, checkpointing: bool, device_name: str, batch
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     else:
-        result["peak_rss_mb"] = _rss_mb("VmHWM")
+        result["peak_rss_mb"] = peak_rss_mb()
         result["step_growth_mb"] = result["peak_rss_mb"] - before
     return result
 
@@ -139,12 +129,8 @@ def main(argv=None) -> int:
                 print(f"{config:<30} {size:>5} {r['batch']:>5} {str(checkpointing):>5} {peak:9.0f} "
                       f"{r.get('step_growth_mb', float('nan')):9.0f} {r['step_s']:7.1f}",
                       flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
-    print(f"written {out}")
+    write_json_atomic(Path(args.out), {"measurements": results})
+    print(f"written {args.out}")
     return 0
 
 

@@ -30,6 +30,7 @@ def build_model(cfg: Config) -> UNet:
         num_classes=cfg.num_classes or None,
         use_position=m.conditioning == "position",
         gradient_checkpointing=m.gradient_checkpointing,
+        channels_last=m.channels_last,
     )
 
 

@@ -129,7 +129,9 @@ class ModelConfig:
     conditioning: Literal["token", "position", "none"] = "token"
     use_prior: bool = False  # concatenate the mean brain mask of the slice's z-bin as input
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
-    channels_last: bool = True  # 2D: weights and batches in NHWC layout (bench/README.md)
+    # Compute in the channels-last layout (N, *S, C in memory); None: on the CPU only, where
+    # oneDNN runs natively in it (1.36x faster training); on CUDA it measured no faster.
+    channels_last: bool | None = None
     compile: bool = False  # wrap the model in torch.compile
 
 

@@ -165,9 +165,6 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
     # 2. Model, loss, optimiser, EMA. Same seed on every rank (DDP also broadcasts rank 0's).
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
-    channels_last = cfg.model.channels_last and cfg.model.dims == 2
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     loss_fn = DiffusionLoss(
         channel_names=task.channel_names[: cfg.model.out_channels],
         channel_weights=cfg.loss.channel_weights, lesion_weight=cfg.loss.lesion_weight,
@@ -236,8 +233,6 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
                    disable=not (progress and dist_info.is_main))
         for micro, batch in enumerate(loader):
             x0, cond, extra = task.unpack(batch, device)  # target, model kwargs, channels
-            if channels_last:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
 
             accumulating = (micro + 1) % oc.grad_accum != 0
             no_sync = train_model.no_sync if accumulating and dist_info.active else None
