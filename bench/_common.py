@@ -64,6 +64,7 @@ WORKLOADS = {
                 num_classes=None, head_channels=32),
 }
 PEERS = {2: ("diffusers", "monai"), 3: ("monai",)}  # diffusers has no 3D UNet
+CONTIGUOUS = "ddpm[contiguous]"  # the project's UNet without its CPU channels-last layout
 
 
 def setup_process(flush_denormal: bool = True, threads: int = THREADS) -> None:
@@ -163,7 +164,10 @@ def build_monai(w: Workload) -> nn.Module:
 
 
 def build_contender(name: str, w: Workload, unet_path: str | None = None) -> nn.Module:
-    """``ddpm`` (or a ``ddpm[label]`` variant loaded from ``unet_path``), diffusers or monai."""
+    """``ddpm`` (or a ``ddpm[label]`` variant loaded from ``unet_path``; ``ddpm[contiguous]``
+    is the project's UNet kept in the contiguous layout), diffusers or monai."""
+    if name == CONTIGUOUS:
+        return build_ddpm(w, channels_last=False)
     if name == "ddpm" or name.startswith("ddpm["):
         return build_ddpm(w, unet_path)
     if name == "diffusers":

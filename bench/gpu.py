@@ -231,6 +231,12 @@ def print_table(results: dict) -> None:
 def main(argv=None) -> int:
     global DEVICE
     args = parse_args(argv)
+    labels = {job.label for job in PLAN} | {f"{job.workload} {job.label}" for job in PLAN}
+    unknown = sorted(set(args.only or ()) - labels)
+    if unknown:
+        print(f"--only: unknown job(s) {unknown}; expected some of {sorted(labels)}",
+              file=sys.stderr)
+        return 2
     plan = PLAN
     if args.smoke:
         DEVICE = "cpu"

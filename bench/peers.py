@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench._common import (
+    CONTIGUOUS,
     PEERS,
     PRECISIONS,
     THREADS,
@@ -56,10 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ddim-steps", type=int, help="DDIM steps (default 50)")
     p.add_argument("--quick", action="store_true",
                    help="defaults of 2 rounds of 2 steps, 1 warm-up step, 10 DDIM steps")
-    p.add_argument("--contenders", nargs="+", default=None,
+    p.add_argument("--contenders", nargs="+", default=None, choices=("ddpm", "diffusers", "monai"),
                    help="subset of ddpm, diffusers, monai (default: all for the dims)")
     p.add_argument("--unet-variant", action="append", default=[], metavar="LABEL=PATH",
                    help="also run the UNet of another unet.py as contender ddpm[LABEL]")
+    p.add_argument("--contiguous-variant", action="store_true",
+                   help=f"also run {CONTIGUOUS}: the UNet in the contiguous layout")
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormals (see bench/README.md)")
     p.add_argument("--omp-wait-policy", choices=("default", "passive", "active"),
@@ -283,7 +286,8 @@ def main(argv=None) -> int:
         precisions.remove("bf16")
     blocks = []
     for dims in args.dims:
-        names = ["ddpm", *args.variants, *PEERS[dims]]
+        names = ["ddpm", *args.variants, *([CONTIGUOUS] if args.contiguous_variant else []),
+                 *PEERS[dims]]
         if args.contenders:
             names = [n for n in names if n.split("[")[0] in args.contenders]
         for precision in precisions:

@@ -175,10 +175,7 @@ def print_row(row: dict, precision: str) -> None:
 
 def plot(rows: list[dict], path: Path, precision: str) -> None:
     """Log-log step time and peak RSS against pixel/voxel count; a slope-1 guide."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ddpm.viz import plt, save_figure
 
     fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
     colours = {2: "tab:blue", 3: "tab:red"}
@@ -209,11 +206,7 @@ def plot(rows: list[dict], path: Path, precision: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     ax_time.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
