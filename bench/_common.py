@@ -65,6 +65,7 @@ WORKLOADS = {
 }
 PEERS = {2: ("diffusers", "monai"), 3: ("monai",)}  # diffusers has no 3D UNet
 CONTIGUOUS = "ddpm[contiguous]"  # the project's UNet without its CPU channels-last layout
+CHECKPOINTING = "ddpm[checkpointing]"  # the project's UNet with gradient checkpointing
 
 
 def setup_process(flush_denormal: bool = True, threads: int = THREADS) -> None:
@@ -165,9 +166,12 @@ def build_monai(w: Workload) -> nn.Module:
 
 def build_contender(name: str, w: Workload, unet_path: str | None = None) -> nn.Module:
     """``ddpm`` (or a ``ddpm[label]`` variant loaded from ``unet_path``; ``ddpm[contiguous]``
-    is the project's UNet kept in the contiguous layout), diffusers or monai."""
+    is the project's UNet kept in the contiguous layout, ``ddpm[checkpointing]`` the project's
+    UNet with gradient checkpointing), diffusers or monai."""
     if name == CONTIGUOUS:
         return build_ddpm(w, channels_last=False)
+    if name == CHECKPOINTING:
+        return build_ddpm(w, gradient_checkpointing=True)
     if name == "ddpm" or name.startswith("ddpm["):
         return build_ddpm(w, unet_path)
     if name == "diffusers":

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench._common import (
+    CHECKPOINTING,
     CONTIGUOUS,
     PEERS,
     PRECISIONS,
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also run the UNet of another unet.py as contender ddpm[LABEL]")
     p.add_argument("--contiguous-variant", action="store_true",
                    help=f"also run {CONTIGUOUS}: the UNet in the contiguous layout")
+    p.add_argument("--checkpointing-variant", action="store_true",
+                   help=f"also run {CHECKPOINTING}: the UNet with gradient checkpointing")
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormals (see bench/README.md)")
     p.add_argument("--omp-wait-policy", choices=("default", "passive", "active"),
@@ -287,7 +290,7 @@ def main(argv=None) -> int:
     blocks = []
     for dims in args.dims:
         names = ["ddpm", *args.variants, *([CONTIGUOUS] if args.contiguous_variant else []),
-                 *PEERS[dims]]
+                 *([CHECKPOINTING] if args.checkpointing_variant else []), *PEERS[dims]]
         if args.contenders:
             names = [n for n in names if n.split("[")[0] in args.contenders]
         for precision in precisions:

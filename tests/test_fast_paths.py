@@ -14,7 +14,14 @@ from conftest import randomise
 from torch import nn
 
 import ddpm.unet as unet_module
-from ddpm.unet import AttentionBlock, Conv3d, UNet, conv3d_as_conv2d, group_norm_silu
+from ddpm.unet import (
+    AttentionBlock,
+    Conv3d,
+    UNet,
+    conv3d_as_conv2d,
+    group_norm_silu,
+    upsample_nearest_conv,
+)
 
 FP32 = dict(rtol=1e-4, atol=1e-5)
 
@@ -98,6 +105,44 @@ def test_3d_unet_gives_the_same_gradients_with_and_without_the_rerouted_convolut
     torch.testing.assert_close(fast_out, plain_out, **FP32)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fast_grads[name], grad, **FP32, msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 4, 3, 5, 4), (2, 3, 2, 2, 2)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_upsample_nearest_conv_is_upsample_then_convolve_with_its_gradients(shape,
+                                                                            channels_last):
+    """float64, so the bound checks the folded taps, not rounding."""
+    torch.manual_seed(4)
+    dims = len(shape) - 2
+    layout = unet_module._CHANNELS_LAST[dims] if channels_last else torch.contiguous_format
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
+    x.requires_grad_()
+    conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(shape[1], 5, 3, padding=1).double()
+    expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    actual = upsample_nearest_conv(x, conv.weight, conv.bias)
+    assert actual.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(expected)
+    wrt = (x, conv.weight, conv.bias)
+    actual_grads = torch.autograd.grad(actual, wrt, grad)
+    for a, e in zip(actual_grads, torch.autograd.grad(expected, wrt, grad)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_upsample_of_a_small_batch1_float32_volume_takes_the_padded_route_and_agrees():
+    torch.manual_seed(5)
+    x = torch.randn(1, 8, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
+    assert unet_module._below_onednn_threshold(x)  # so the input is padded before conv3d
+    x.requires_grad_()
+    conv = nn.Conv3d(8, 8, 3, padding=1)
+    expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    actual = upsample_nearest_conv(x, conv.weight, conv.bias)
+    torch.testing.assert_close(actual, expected, **FP32)
+    grad = torch.randn_like(expected)
+    wrt = (x, conv.weight, conv.bias)
+    actual_grads = torch.autograd.grad(actual, wrt, grad)
+    for a, e in zip(actual_grads, torch.autograd.grad(expected, wrt, grad)):
+        torch.testing.assert_close(a, e, **FP32)
 
 
 def plain_norm_silu(x, norm, scale, shift, silu):
