@@ -208,15 +208,13 @@ def run_job(job: Job, args) -> dict:
 
 
 def add_mfu(results: dict, peak_tflops: float) -> None:
-    """Model FLOPs utilisation; a compiled job borrows its eager twin's FLOP count."""
+    """Model FLOPs utilisation. A compiled job, which is not counted itself, borrows the count
+    of its contender's plain eager job: compilation and memory layout change no model FLOPs."""
     for label, r in results.items():
         if "error" in r or "skipped" in r:
             continue
-        # The layout changes no FLOPs: any eager ddpm job of the workload will do.
-        workload, contender = label.split()[:2]
-        eager = results.get(label.replace(", compile", "").replace(" (compile)", ""), {})
-        eager = eager or results.get(f"{workload} {contender}", {})
-        flops = r.get("train_flops") or eager.get("train_flops")
+        plain = results.get(" ".join(label.split()[:2]), {})  # e.g. "2D ddpm"
+        flops = r.get("train_flops") or plain.get("train_flops")
         if flops:
             r["train_flops"] = flops
             r["train_tflops_per_s"] = flops / (r["train_step_ms"] / 1e3) / 1e12

@@ -301,11 +301,12 @@ def upsample_nearest_conv(x: torch.Tensor, weight: torch.Tensor,
     pair_sizes = [v for s in size for v in (s, 2)]
     pair_strides = [v for si, sp in zip(stride_s, stride_parity) for v in (si, si + sp)]
     doubled = [2 * s for s in size]
-    if _memory_format(x) != torch.contiguous_format:  # channels-last: channels vary fastest
-        pairs = _StridedCopy.apply(y, (n, *pair_sizes, out_ch), (stride_n, *pair_strides, stride_c))
-        return pairs.view(n, *doubled, out_ch).movedim(-1, 1)
-    pairs = _StridedCopy.apply(y, (n, out_ch, *pair_sizes), (stride_n, stride_c, *pair_strides))
-    return pairs.view(n, out_ch, *doubled)
+    if _memory_format(x) == torch.contiguous_format:
+        pairs = _StridedCopy.apply(y, (n, out_ch, *pair_sizes), (stride_n, stride_c, *pair_strides))
+        return pairs.view(n, out_ch, *doubled)
+    # channels-last: the channel axis goes last in the copy, so channels vary fastest
+    pairs = _StridedCopy.apply(y, (n, *pair_sizes, out_ch), (stride_n, *pair_strides, stride_c))
+    return pairs.view(n, *doubled, out_ch).movedim(-1, 1)
 
 
 class _StridedCopy(torch.autograd.Function):

@@ -49,6 +49,16 @@ def output_and_grads(model: UNet, x, t, token):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def assert_same_values_and_gradients(actual, expected, wrt, **tolerance):
+    """``actual`` and ``expected`` agree, and so do their gradients with respect to ``wrt``
+    for one random output gradient."""
+    torch.testing.assert_close(actual, expected, **tolerance)
+    grad = torch.randn_like(expected)
+    actual_grads = torch.autograd.grad(actual, wrt, grad)
+    for a, e in zip(actual_grads, torch.autograd.grad(expected, wrt, grad)):
+        torch.testing.assert_close(a, e, **tolerance)
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_channels_last_computes_what_contiguous_computes(dims):
     x, t, token = inputs(dims)
@@ -75,12 +85,7 @@ def test_conv3d_as_conv2d_matches_conv3d_and_its_gradients(shape, layout):
     conv = nn.Conv3d(shape[1], 5, 3, padding=1)
     expected = F.conv3d(x, conv.weight, conv.bias, padding=1)
     actual = conv3d_as_conv2d(x, conv.weight, conv.bias)
-    torch.testing.assert_close(actual, expected, **FP32)
-    grad = torch.randn_like(expected)
-    wrt = (x, conv.weight, conv.bias)
-    actual_grads = torch.autograd.grad(actual, wrt, grad)
-    for a, e in zip(actual_grads, torch.autograd.grad(expected, wrt, grad)):
-        torch.testing.assert_close(a, e, **FP32)
+    assert_same_values_and_gradients(actual, expected, (x, conv.weight, conv.bias), **FP32)
 
 
 @pytest.mark.parametrize("shape, dtype, rerouted", [
@@ -121,12 +126,8 @@ def test_upsample_nearest_conv_is_upsample_then_convolve_with_its_gradients(shap
     expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     actual = upsample_nearest_conv(x, conv.weight, conv.bias)
     assert actual.is_contiguous(memory_format=layout)
-    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(expected)
-    wrt = (x, conv.weight, conv.bias)
-    actual_grads = torch.autograd.grad(actual, wrt, grad)
-    for a, e in zip(actual_grads, torch.autograd.grad(expected, wrt, grad)):
-        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    assert_same_values_and_gradients(actual, expected, (x, conv.weight, conv.bias),
+                                     rtol=1e-12, atol=1e-12)
 
 
 def test_upsample_of_a_small_batch1_float32_volume_takes_the_padded_route_and_agrees():
@@ -137,12 +138,7 @@ def test_upsample_of_a_small_batch1_float32_volume_takes_the_padded_route_and_ag
     conv = nn.Conv3d(8, 8, 3, padding=1)
     expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
     actual = upsample_nearest_conv(x, conv.weight, conv.bias)
-    torch.testing.assert_close(actual, expected, **FP32)
-    grad = torch.randn_like(expected)
-    wrt = (x, conv.weight, conv.bias)
-    actual_grads = torch.autograd.grad(actual, wrt, grad)
-    for a, e in zip(actual_grads, torch.autograd.grad(expected, wrt, grad)):
-        torch.testing.assert_close(a, e, **FP32)
+    assert_same_values_and_gradients(actual, expected, (x, conv.weight, conv.bias), **FP32)
 
 
 def plain_norm_silu(x, norm, scale, shift, silu):
