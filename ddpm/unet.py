@@ -117,20 +117,17 @@ class _GroupNormSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, a, b, groups: int, eps: float, silu: bool):
-        # native_group_norm takes channels-last on CPU only, and nothing strided oddly.
-        layout = _memory_format(x) if x.device.type == "cpu" else torch.contiguous_format
-        x = x.contiguous(memory_format=layout)
-        n, c = x.shape[:2]
-        xhat, mean, rstd = torch.ops.aten.native_group_norm(
-            x, None, None, n, c, x[0, 0].numel(), groups, eps)
-        z = torch.addcmul(_per_channel(b, x), xhat, _per_channel(a, x))
+        x = _norm_layout(x)
+        y, mean, rstd = _group_norm_silu_forward(x, a, b, groups, eps, silu)
         ctx.save_for_backward(x, a, b, mean, rstd)
         ctx.groups, ctx.eps, ctx.silu = groups, eps, silu
-        return F.silu(z, inplace=True) if silu else z
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
+        # Two activation-sized buffers besides grad_y: xhat, which becomes grad_x, and z,
+        # which becomes grad_z.
         x, a, b, mean, rstd = ctx.saved_tensors
         n, c = x.shape[:2]
         groups, spatial = ctx.groups, tuple(range(2, x.ndim))
@@ -139,13 +136,12 @@ class _GroupNormSiLU(torch.autograd.Function):
         grad_z = grad_y
         if ctx.silu:
             z = torch.addcmul(_per_channel(b, x), xhat, _per_channel(a, x))
-            grad_z = torch.ops.aten.silu_backward(grad_y, z)
-            del z
+            grad_z = torch.ops.aten.silu_backward.grad_input(grad_y, z, grad_input=z)
         # Sums in the input dtype (CPU and CUDA accumulate bf16 in fp32 internally); asking
         # for an fp32 result would first copy the whole tensor to fp32.
         acc = torch.promote_types(x.dtype, torch.float32)
         grad_b = grad_z.sum(spatial).to(acc)  # (B, C)
-        grad_a = (grad_z * xhat).sum(spatial).to(acc)  # (B, C)
+        grad_a = _sum_of_products(grad_z, xhat, spatial, acc)  # (B, C)
         # GroupNorm's input gradient with g = a * grad_z, r = rstd, means over each group:
         # dx = r * (g - mean(g) - xhat * mean(g * xhat)); both means follow from grad_a, grad_b.
         a32 = a.to(acc).expand(n, c)
@@ -155,11 +151,49 @@ class _GroupNormSiLU(torch.autograd.Function):
         coef_grad = (a32.reshape(n, groups, -1) * r).reshape(n, c)
         coef_xhat = (-mean_gx * r).expand(n, groups, c // groups).reshape(n, c)
         const = (-mean_g * r).expand(n, groups, c // groups).reshape(n, c)
-        grad_x = torch.addcmul(_per_channel(const, x), xhat, _per_channel(coef_xhat, x))
-        grad_x = torch.addcmul(grad_x, grad_z, _per_channel(coef_grad, x))
+        grad_x = _multiply_add_into(xhat, _per_channel(coef_xhat, x), _per_channel(const, x))
+        grad_x = grad_x.addcmul_(grad_z, _per_channel(coef_grad, x))
         if a.shape[0] == 1 < n:  # a, b were broadcast over the batch
             grad_a, grad_b = grad_a.sum(0, keepdim=True), grad_b.sum(0, keepdim=True)
         return grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None
+
+
+def _norm_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in a layout native_group_norm takes: channels-last on CPU only, nothing strided
+    oddly."""
+    layout = _memory_format(x) if x.device.type == "cpu" else torch.contiguous_format
+    return x.contiguous(memory_format=layout)
+
+
+def _group_norm_silu_forward(x, a, b, groups: int, eps: float, silu: bool):
+    """(SiLU(GroupNorm(x) * a + b), group means, group 1/std); no autograd."""
+    n, c = x.shape[:2]
+    xhat, mean, rstd = torch.ops.aten.native_group_norm(
+        x, None, None, n, c, x[0, 0].numel(), groups, eps)
+    z = _multiply_add_into(xhat, _per_channel(a, x), _per_channel(b, x))
+    return (F.silu(z, inplace=True) if silu else z), mean, rstd
+
+
+def _multiply_add_into(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x * a + b written over ``x``, in one pass and without a new activation-sized buffer.
+
+    Under torch.compile the out-of-place form: the compiler plans buffers itself, and it does
+    not take a channels-last ``out=``."""
+    if torch.compiler.is_compiling():
+        return torch.addcmul(b, x, a)
+    return torch.addcmul(b, x, a, out=x)
+
+
+def _sum_of_products(u: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...],
+                     dtype: torch.dtype) -> torch.Tensor:
+    """(u * v).sum(dims) in ``dtype``, without an activation-sized temporary for u * v.
+
+    Large inputs go in eight slices along dim 2, so the product exists an eighth at a time.
+    """
+    if torch.compiler.is_compiling() or u.numel() < 2**20:
+        return (u * v).sum(dims).to(dtype)
+    size = -(-u.shape[2] // 8)
+    return sum((us * vs).sum(dims).to(dtype) for us, vs in zip(u.split(size, 2), v.split(size, 2)))
 
 
 def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -175,10 +209,50 @@ def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | N
     affine and the scale-shift fold into one per-channel multiply-add: with
     a = gamma (1 + scale) and b = beta (1 + scale) + shift the result is SiLU(xhat a + b).
     """
+    a, b = _folded_affine(norm, scale, shift)
+    return _GroupNormSiLU.apply(x, a, b, norm.num_groups, norm.eps, silu)
+
+
+def _folded_affine(norm: nn.GroupNorm, scale, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b), each (1 or B, C): the GroupNorm affine folded with the scale-shift."""
     a, b = norm.weight[None], norm.bias[None]  # (1, C)
     if scale is not None:
         a, b = a * (1 + scale), b * (1 + scale) + shift
-    return _GroupNormSiLU.apply(x, a, b, norm.num_groups, norm.eps, silu)
+    return a, b
+
+
+def conv_of_group_norm_silu(conv: nn.Module, x: torch.Tensor, norm: nn.GroupNorm,
+                            scale: torch.Tensor | None = None,
+                            shift: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(group_norm_silu(x, norm, scale, shift)), keeping only ``x`` for the backward pass.
+
+    A convolution keeps its input to compute its weight gradient. Here that input is a cheap
+    elementwise function of ``x``, which the normalisation keeps anyway, so instead of
+    storing it the backward pass recomputes it from ``x``: one activation-sized tensor less
+    per use (two per residual block), for one GroupNorm + SiLU more per use.
+    """
+    a, b = _folded_affine(norm, scale, shift)
+    y = _GroupNormSiLU.apply(x, a, b, norm.num_groups, norm.eps, True)
+    if not (y.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return conv(y)  # nothing to save; or the compiler plans what to keep itself
+    x, a, b = _norm_layout(x).detach(), a.detach(), b.detach()
+    groups, eps = norm.num_groups, norm.eps
+    storage = y.untyped_storage().data_ptr()
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() != storage:
+            return t
+        return t.size(), t.stride(), t.storage_offset()  # a view of y: remember which
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        with torch.no_grad():
+            y = _group_norm_silu_forward(x, a, b, groups, eps, True)[0]
+        return y.as_strided(*packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return conv(y)
 
 
 def _zero_init(module: nn.Module) -> nn.Module:
@@ -208,12 +282,29 @@ class ResBlock(nn.Module):
         self.conv2 = _zero_init(conv(out_ch, out_ch, 3, padding=1))
         self.skip = conv(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, C_in, *S); ``emb`` (B, emb_dim), already passed through SiLU."""
-        h = self.conv1(group_norm_silu(x, self.norm1))  # (B, C_out, *S)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor,
+                recompute_conv_inputs: bool = True) -> torch.Tensor:
+        """``x`` (B, C_in, *S); ``emb`` (B, emb_dim), already passed through SiLU.
+
+        ``recompute_conv_inputs``: let the backward pass recompute each convolution's input
+        from the block's activations (see ``conv_of_group_norm_silu``) rather than store it.
+        Off under gradient checkpointing, which recomputes the whole block anyway.
+        """
+        def norm_act_conv(conv, h, norm, scale=None, shift=None):
+            if recompute_conv_inputs:
+                return conv_of_group_norm_silu(conv, h, norm, scale, shift)
+            return conv(group_norm_silu(h, norm, scale, shift))
+
+        h = norm_act_conv(self.conv1, x, self.norm1)  # (B, C_out, *S)
         scale, shift = self.emb_proj(emb).chunk(2, dim=1)  # (B, C_out) each
-        h = self.conv2(self.dropout(group_norm_silu(h, self.norm2, scale, shift)))
-        return self.skip(x) + h
+        if self.dropout.p > 0 and self.training:  # the dropped-out input is not recomputable
+            h = self.conv2(self.dropout(group_norm_silu(h, self.norm2, scale, shift)))
+        else:
+            h = norm_act_conv(self.conv2, h, self.norm2, scale, shift)
+        skip = self.skip(x)
+        if skip.dtype != h.dtype:  # mixed dtypes: keep the promoted sum
+            return h + skip
+        return h.add_(skip)  # in place: nothing stores h, and the sum's backward needs no values
 
 
 class AttentionBlock(nn.Module):
@@ -491,7 +582,7 @@ class UNet(nn.Module):
             else:
                 h = self._stage(module, torch.cat([h, skips.pop()], dim=1), emb)
         norm, _, conv = self.out  # GroupNorm, SiLU, conv
-        return conv(group_norm_silu(h, norm)).contiguous(memory_format=input_format)
+        return conv_of_group_norm_silu(conv, h, norm).contiguous(memory_format=input_format)
 
     def _stage(self, stage: Stage, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self._block(stage.res, h, emb)
@@ -500,7 +591,10 @@ class UNet(nn.Module):
     def _block(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
         # Recompute activations in the backward pass instead of storing them (saves memory).
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False)
+            # The checkpoint recomputes the whole block: a residual block's own
+            # recomputation of its convolution inputs would only keep more tensors alive.
+            kwargs = {"recompute_conv_inputs": False} if isinstance(module, ResBlock) else {}
+            return checkpoint(module, *args, use_reentrant=False, **kwargs)
         return module(*args)
 
     def _check_input(self, x: torch.Tensor) -> None:

@@ -224,11 +224,19 @@ def test_same_seed_gives_the_same_samples_and_another_seed_others(
 
 
 def test_ddim_samples_do_not_depend_on_the_batch_size(checkpoint):
+    """Chunking changes only float32 rounding: oneDNN picks its convolution kernels by batch
+    size. At the first of 3 DDIM steps, t = 999, alpha_bar is 2.4e-9 under the cosine
+    schedule, so x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) multiplies a rounding
+    difference in eps by ~2e4 before x0 is clipped to [-1, 1]; measured differences are
+    2e-4 to 7e-4. A batching mistake (the wrong noise slot or condition for a sample) changes
+    samples by O(1), which the check with another seed shows the tolerance would catch."""
     tm = load_trained(checkpoint, device="cpu")
     z, p = expand_conditions(condition_list([0, 1, 2], [0, 1]), 1)
     whole = generate(tm, z, p, steps=3, eta=0.0, seed=3, batch_size=64, progress=False)
     chunked = generate(tm, z, p, steps=3, eta=0.0, seed=3, batch_size=4, progress=False)
-    assert torch.allclose(whole, chunked, atol=1e-5)
+    other_noise = generate(tm, z, p, steps=3, eta=0.0, seed=4, batch_size=4, progress=False)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=5e-3)
+    assert (other_noise - whole).abs().max() > 0.1
 
 
 def test_live_and_ema_weights_give_different_samples(sample_main, checkpoint, tmp_path):
