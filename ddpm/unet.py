@@ -231,11 +231,12 @@ def conv_of_group_norm_silu(conv: nn.Module, x: torch.Tensor, norm: nn.GroupNorm
     storing it the backward pass recomputes it from ``x``: one activation-sized tensor less
     per use (two per residual block), for one GroupNorm + SiLU more per use.
     """
+    x = _norm_layout(x)  # here, so that the norm and the recomputation share one copy
     a, b = _folded_affine(norm, scale, shift)
     y = _GroupNormSiLU.apply(x, a, b, norm.num_groups, norm.eps, True)
     if not (y.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
         return conv(y)  # nothing to save; or the compiler plans what to keep itself
-    x, a, b = _norm_layout(x).detach(), a.detach(), b.detach()
+    x, a, b = x.detach(), a.detach(), b.detach()
     groups, eps = norm.num_groups, norm.eps
     storage = y.untyped_storage().data_ptr()
 
