@@ -223,14 +223,18 @@ def _folded_affine(norm: nn.GroupNorm, scale, shift) -> tuple[torch.Tensor, torc
 
 def conv_of_group_norm_silu(conv: nn.Module, x: torch.Tensor, norm: nn.GroupNorm,
                             scale: torch.Tensor | None = None,
-                            shift: torch.Tensor | None = None) -> torch.Tensor:
+                            shift: torch.Tensor | None = None,
+                            recompute: bool = True) -> torch.Tensor:
     """conv(group_norm_silu(x, norm, scale, shift)), keeping only ``x`` for the backward pass.
 
     A convolution keeps its input to compute its weight gradient. Here that input is a cheap
     elementwise function of ``x``, which the normalisation keeps anyway, so instead of
     storing it the backward pass recomputes it from ``x``: one activation-sized tensor less
     per use (two per residual block), for one GroupNorm + SiLU more per use.
+    ``recompute=False`` stores the input as usual.
     """
+    if not recompute:
+        return conv(group_norm_silu(x, norm, scale, shift))
     x = _norm_layout(x)  # here, so that the norm and the recomputation share one copy
     a, b = _folded_affine(norm, scale, shift)
     y = _GroupNormSiLU.apply(x, a, b, norm.num_groups, norm.eps, True)
@@ -291,17 +295,13 @@ class ResBlock(nn.Module):
         from the block's activations (see ``conv_of_group_norm_silu``) rather than store it.
         Off under gradient checkpointing, which recomputes the whole block anyway.
         """
-        def norm_act_conv(conv, h, norm, scale=None, shift=None):
-            if recompute_conv_inputs:
-                return conv_of_group_norm_silu(conv, h, norm, scale, shift)
-            return conv(group_norm_silu(h, norm, scale, shift))
-
-        h = norm_act_conv(self.conv1, x, self.norm1)  # (B, C_out, *S)
+        recompute = recompute_conv_inputs
+        h = conv_of_group_norm_silu(self.conv1, x, self.norm1, recompute=recompute)
         scale, shift = self.emb_proj(emb).chunk(2, dim=1)  # (B, C_out) each
         if self.dropout.p > 0 and self.training:  # the dropped-out input is not recomputable
             h = self.conv2(self.dropout(group_norm_silu(h, self.norm2, scale, shift)))
         else:
-            h = norm_act_conv(self.conv2, h, self.norm2, scale, shift)
+            h = conv_of_group_norm_silu(self.conv2, h, self.norm2, scale, shift, recompute)
         skip = self.skip(x)
         if skip.dtype != h.dtype:  # mixed dtypes: keep the promoted sum
             return h + skip
