@@ -13,17 +13,11 @@ import torch.nn.functional as F
 from conftest import randomise
 from torch import nn
 
-import ddpm.unet as unet_module
-from ddpm.unet import (
-    AttentionBlock,
-    Conv3d,
-    ResBlock,
-    UNet,
-    conv3d_as_conv2d,
-    conv_of_group_norm_silu,
-    group_norm_silu,
-    upsample_nearest_conv,
-)
+import ddpm.convolutions as convolutions
+import ddpm.group_norm_silu as fused_norm
+from ddpm.convolutions import Conv3d, conv3d_as_conv2d, upsample_nearest_conv
+from ddpm.group_norm_silu import conv_of_group_norm_silu, group_norm_silu
+from ddpm.unet import AttentionBlock, ResBlock, UNet
 
 FP32 = dict(rtol=1e-4, atol=1e-5)
 
@@ -100,14 +94,14 @@ def test_conv3d_as_conv2d_matches_conv3d_and_its_gradients(shape, layout):
 def test_only_slow_float32_batch1_convolutions_are_rerouted(shape, dtype, rerouted):
     conv = Conv3d(shape[1], 8, 3, padding=1)
     x = torch.empty(shape, dtype=dtype)
-    assert unet_module._native_conv3d_is_slow(x, conv) is rerouted
+    assert convolutions._native_conv3d_is_slow(x, conv) is rerouted
 
 
 def test_3d_unet_gives_the_same_gradients_with_and_without_the_rerouted_convolution(
         monkeypatch):
     x, t, token = inputs(3, batch=1, size=8)
     fast_out, fast_grads = output_and_grads(tiny_unet(3), x, t, token)
-    monkeypatch.setattr(unet_module, "_native_conv3d_is_slow", lambda x, conv: False)
+    monkeypatch.setattr(convolutions, "_native_conv3d_is_slow", lambda x, conv: False)
     plain_out, plain_grads = output_and_grads(tiny_unet(3), x, t, token)
     torch.testing.assert_close(fast_out, plain_out, **FP32)
     for name, grad in plain_grads.items():
@@ -121,7 +115,7 @@ def test_upsample_nearest_conv_is_upsample_then_convolve_with_its_gradients(shap
     """float64, so the bound checks the folded taps, not rounding."""
     torch.manual_seed(4)
     dims = len(shape) - 2
-    layout = unet_module._CHANNELS_LAST[dims] if channels_last else torch.contiguous_format
+    layout = convolutions.CHANNELS_LAST[dims] if channels_last else torch.contiguous_format
     x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
     x.requires_grad_()
     conv = (nn.Conv2d if dims == 2 else nn.Conv3d)(shape[1], 5, 3, padding=1).double()
@@ -135,7 +129,7 @@ def test_upsample_nearest_conv_is_upsample_then_convolve_with_its_gradients(shap
 def test_upsample_of_a_small_batch1_float32_volume_takes_the_padded_route_and_agrees():
     torch.manual_seed(5)
     x = torch.randn(1, 8, 4, 4, 4).contiguous(memory_format=torch.channels_last_3d)
-    assert unet_module._below_onednn_threshold(x)  # so the input is padded before conv3d
+    assert convolutions._below_onednn_threshold(x)  # so the input is padded before conv3d
     x.requires_grad_()
     conv = nn.Conv3d(8, 8, 3, padding=1)
     expected = conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -181,7 +175,7 @@ def test_sum_of_products_in_slices_is_the_plain_sum(layout):
     torch.manual_seed(6)
     u, v = (torch.randn(2, 16, 70, 40, 12, dtype=torch.float64).contiguous(memory_format=layout)
             for _ in range(2))
-    actual = unet_module._sum_of_products(u, v, (2, 3, 4), torch.float64)
+    actual = fused_norm._sum_of_products(u, v, (2, 3, 4), torch.float64)
     torch.testing.assert_close(actual, (u * v).sum((2, 3, 4)), rtol=1e-12, atol=1e-12)
 
 
@@ -212,7 +206,7 @@ def norm_conv_inputs(dims: int, batch: int, layout, film: bool):
     """A GroupNorm, a 3^d conv from 16 to 8 channels, x and (scale, shift), all random."""
     torch.manual_seed(5)
     norm = randomise(nn.GroupNorm(4, 16))
-    conv = randomise(unet_module._CONV[dims](16, 8, 3, padding=1))
+    conv = randomise(convolutions.CONV[dims](16, 8, 3, padding=1))
     x = (torch.randn(batch, 16, *([6] * dims)) * 2 + 1).contiguous(memory_format=layout)
     x.requires_grad_()
     scale = torch.randn(batch, 16, requires_grad=True) if film else None

@@ -1,0 +1,110 @@
+"""Winograd F(4x4, 3x3) convolutions against PyTorch's direct ones, layer by layer.
+
+For each shape, ``ddpm.winograd.winograd_conv2d`` and ``F.conv2d`` alternate in one process
+(the order flipping every repetition), forward alone and forward + backward, float32,
+channels-last; the table gives the median of the per-repetition speed-ups and whether
+``winograd_pays_off`` routes the shape to Winograd. Also the largest error of each against
+a float64 convolution, relative to the largest output. The shapes are the UNet's layers in
+``bench/peers.py``'s workloads plus a sweep over width and block count, which is where the
+thresholds in ``ddpm/winograd.py`` come from.
+
+    python -m bench.winograd
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench._common import machine_info, setup_process, write_json_atomic
+from ddpm.winograd import winograd_conv2d, winograd_pays_off
+
+RESULTS = Path(__file__).resolve().parent / "results" / "winograd.json"
+
+# (batch, C_in, C_out, size); the first rows are the 2D workload's levels 1 and 2 and the 3D
+# workload's level 2 as conv3d_as_conv2d computes it (12 depth slices, 3 x 128 outputs).
+SHAPES = [
+    (8, 128, 128, 32), (8, 384, 128, 32), (8, 256, 256, 16), (8, 512, 256, 16),
+    (12, 128, 384, 12),
+    (8, 64, 64, 64), (8, 128, 64, 64), (8, 128, 128, 64), (16, 128, 128, 32),
+    (16, 256, 256, 16), (1, 256, 256, 16), (8, 256, 256, 8), (2, 128, 128, 13),
+]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=9, help="alternations per shape (default 9)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args(argv)
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((y.double() - reference).abs().max() / reference.abs().max()).item()
+
+
+def measure(shape, reps: int) -> dict:
+    n, c_in, c_out, size = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, c_in, size, size, generator=g).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    w = (torch.randn(c_out, c_in, 3, 3, generator=g) / math.sqrt(9 * c_in)).requires_grad_()
+    b = torch.randn(c_out, generator=g).requires_grad_()
+    grad = torch.randn(n, c_out, size, size, generator=g).contiguous(
+        memory_format=torch.channels_last)
+    direct = lambda: F.conv2d(x, w, b, padding=1)  # noqa: E731
+    winograd = lambda: winograd_conv2d(x, w, b)  # noqa: E731
+    reference = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    row = {"shape": list(shape), "routed": winograd_pays_off(x, w, (1, 1), (1, 1), (1, 1), 1),
+           "error_direct": relative_error(direct(), reference),
+           "error_winograd": relative_error(winograd(), reference)}
+    for label, wrap in (("forward", lambda f: f),
+                        ("training", lambda f: lambda: torch.autograd.grad(f(), (x, w, b), grad))):
+        a, c = wrap(direct), wrap(winograd)
+        for _ in range(2):  # warm-up
+            a(), c()
+        speedups = []
+        for rep in range(reps):
+            first, second = (a, c) if rep % 2 == 0 else (c, a)
+            t_first, t_second = seconds(first), seconds(second)
+            t_direct, t_winograd = (t_first, t_second) if first is a else (t_second, t_first)
+            speedups.append(t_direct / t_winograd)
+        row[label] = {"median": statistics.median(speedups), "min": min(speedups),
+                      "max": max(speedups)}
+    return row
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_process()
+    print(f"{'N x C_in -> C_out x S^2':>26}  routed  forward           fwd+bwd"
+          "           error direct / Winograd")
+    rows = []
+    for shape in SHAPES:
+        row = measure(shape, args.reps)
+        rows.append(row)
+        n, c_in, c_out, size = shape
+        f, t = row["forward"], row["training"]
+        routed = "yes" if row["routed"] else "no"
+        print(f"{n:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^2  {routed:>6}"
+              f"  {f['median']:.2f}x ({f['min']:.2f}-{f['max']:.2f})"
+              f"  {t['median']:.2f}x ({t['min']:.2f}-{t['max']:.2f})"
+              f"  {row['error_direct']:.1e} / {row['error_winograd']:.1e}", flush=True)
+    write_json_atomic(args.out, {"machine": machine_info(), "reps": args.reps, "rows": rows})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

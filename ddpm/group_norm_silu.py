@@ -1,0 +1,169 @@
+"""GroupNorm, scale-shift and SiLU fused into one memory-saving autograd node.
+
+``group_norm_silu`` computes SiLU(GroupNorm(x) * (1 + scale) + shift) keeping only x for the
+backward pass; ``conv_of_group_norm_silu`` also lets the following convolution recompute its
+input from x instead of storing it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ddpm.convolutions import memory_format_of
+
+
+class _GroupNormSiLU(torch.autograd.Function):
+    """y = SiLU(GroupNorm(x) * a + b), keeping only x and the group statistics for backward.
+
+    Separate GroupNorm, scale-shift and SiLU modules would each keep their input alive until
+    the backward pass: three activation-sized tensors per use. This keeps one (x, which the
+    caller holds anyway) and recomputes the cheap elementwise part in the backward pass.
+    ``a``, ``b`` are (1 or B, C): the GroupNorm affine folded with any scale-shift.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, groups: int, eps: float, silu: bool):
+        x = _norm_layout(x)
+        y, mean, rstd = _group_norm_silu_forward(x, a, b, groups, eps, silu)
+        ctx.save_for_backward(x, a, b, mean, rstd)
+        ctx.groups, ctx.eps, ctx.silu = groups, eps, silu
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        # Two activation-sized buffers besides grad_y: xhat, which becomes grad_x, and z,
+        # which becomes grad_z.
+        x, a, b, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        groups, spatial = ctx.groups, tuple(range(2, x.ndim))
+        xhat = torch.ops.aten.native_group_norm(
+            x, None, None, n, c, x[0, 0].numel(), groups, ctx.eps)[0]
+        grad_z = grad_y
+        if ctx.silu:
+            z = torch.addcmul(_per_channel(b, x), xhat, _per_channel(a, x))
+            grad_z = torch.ops.aten.silu_backward.grad_input(grad_y, z, grad_input=z)
+        # Sums in the input dtype (CPU and CUDA accumulate bf16 in fp32 internally); asking
+        # for an fp32 result would first copy the whole tensor to fp32.
+        acc = torch.promote_types(x.dtype, torch.float32)
+        grad_b = grad_z.sum(spatial).to(acc)  # (B, C)
+        grad_a = _sum_of_products(grad_z, xhat, spatial, acc)  # (B, C)
+        # GroupNorm's input gradient with g = a * grad_z, r = rstd, means over each group:
+        # dx = r * (g - mean(g) - xhat * mean(g * xhat)); both means follow from grad_a, grad_b.
+        a32 = a.to(acc).expand(n, c)
+        r = rstd.to(acc).reshape(n, groups, 1)
+        mean_g = (a32 * grad_b).reshape(n, groups, -1).mean(-1, keepdim=True) / x[0, 0].numel()
+        mean_gx = (a32 * grad_a).reshape(n, groups, -1).mean(-1, keepdim=True) / x[0, 0].numel()
+        coef_grad = (a32.reshape(n, groups, -1) * r).reshape(n, c)
+        coef_xhat = (-mean_gx * r).expand(n, groups, c // groups).reshape(n, c)
+        const = (-mean_g * r).expand(n, groups, c // groups).reshape(n, c)
+        grad_x = _multiply_add_into(xhat, _per_channel(coef_xhat, x), _per_channel(const, x))
+        grad_x = grad_x.addcmul_(grad_z, _per_channel(coef_grad, x))
+        if a.shape[0] == 1 < n:  # a, b were broadcast over the batch
+            grad_a, grad_b = grad_a.sum(0, keepdim=True), grad_b.sum(0, keepdim=True)
+        return grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None
+
+
+def _norm_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in a layout native_group_norm takes: channels-last on CPU only, nothing strided
+    oddly."""
+    layout = memory_format_of(x) if x.device.type == "cpu" else torch.contiguous_format
+    return x.contiguous(memory_format=layout)
+
+
+def _group_norm_silu_forward(x, a, b, groups: int, eps: float, silu: bool):
+    """(SiLU(GroupNorm(x) * a + b), group means, group 1/std); no autograd."""
+    n, c = x.shape[:2]
+    xhat, mean, rstd = torch.ops.aten.native_group_norm(
+        x, None, None, n, c, x[0, 0].numel(), groups, eps)
+    z = _multiply_add_into(xhat, _per_channel(a, x), _per_channel(b, x))
+    return (F.silu(z, inplace=True) if silu else z), mean, rstd
+
+
+def _multiply_add_into(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x * a + b written over ``x``, in one pass and without a new activation-sized buffer.
+
+    Under torch.compile the out-of-place form: the compiler plans buffers itself, and it does
+    not take a channels-last ``out=``."""
+    if torch.compiler.is_compiling():
+        return torch.addcmul(b, x, a)
+    return torch.addcmul(b, x, a, out=x)
+
+
+def _sum_of_products(u: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...],
+                     dtype: torch.dtype) -> torch.Tensor:
+    """(u * v).sum(dims) in ``dtype``, without an activation-sized temporary for u * v.
+
+    Large inputs go in eight slices along dim 2, so the product exists an eighth at a time.
+    """
+    if torch.compiler.is_compiling() or u.numel() < 2**20:
+        return (u * v).sum(dims).to(dtype)
+    size = -(-u.shape[2] // 8)
+    return sum((us * vs).sum(dims).to(dtype) for us, vs in zip(u.split(size, 2), v.split(size, 2)))
+
+
+def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(1 or B, C) -> (1 or B, C, 1, ...) in the dtype of ``like``, to broadcast against it."""
+    return v.to(like.dtype).reshape(v.shape + (1,) * (like.ndim - 2))
+
+
+def group_norm_silu(x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | None = None,
+                    shift: torch.Tensor | None = None, silu: bool = True) -> torch.Tensor:
+    """SiLU(norm(x) * (1 + scale) + shift) in one memory-saving autograd node.
+
+    ``scale``, ``shift``: (B, C) or None; ``silu=False`` leaves out the SiLU. The GroupNorm
+    affine and the scale-shift fold into one per-channel multiply-add: with
+    a = gamma (1 + scale) and b = beta (1 + scale) + shift the result is SiLU(xhat a + b).
+    """
+    a, b = _folded_affine(norm, scale, shift)
+    return _GroupNormSiLU.apply(x, a, b, norm.num_groups, norm.eps, silu)
+
+
+def _folded_affine(norm: nn.GroupNorm, scale, shift) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b), each (1 or B, C): the GroupNorm affine folded with the scale-shift."""
+    a, b = norm.weight[None], norm.bias[None]  # (1, C)
+    if scale is not None:
+        a, b = a * (1 + scale), b * (1 + scale) + shift
+    return a, b
+
+
+def conv_of_group_norm_silu(conv: nn.Module, x: torch.Tensor, norm: nn.GroupNorm,
+                            scale: torch.Tensor | None = None,
+                            shift: torch.Tensor | None = None,
+                            recompute: bool = True) -> torch.Tensor:
+    """conv(group_norm_silu(x, norm, scale, shift)), keeping only ``x`` for the backward pass.
+
+    A convolution keeps its input to compute its weight gradient. Here that input is a cheap
+    elementwise function of ``x``, which the normalisation keeps anyway, so instead of
+    storing it the backward pass recomputes it from ``x``: one activation-sized tensor less
+    per use (two per residual block), for one GroupNorm + SiLU more per use.
+    ``recompute=False`` stores the input as usual.
+    """
+    if not recompute:
+        return conv(group_norm_silu(x, norm, scale, shift))
+    x = _norm_layout(x)  # here, so that the norm and the recomputation share one copy
+    a, b = _folded_affine(norm, scale, shift)
+    y = _GroupNormSiLU.apply(x, a, b, norm.num_groups, norm.eps, True)
+    if not (y.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling():
+        return conv(y)  # nothing to save; or the compiler plans what to keep itself
+    x, a, b = x.detach(), a.detach(), b.detach()
+    groups, eps = norm.num_groups, norm.eps
+    storage = y.untyped_storage().data_ptr()
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() != storage:
+            return t
+        return t.size(), t.stride(), t.storage_offset()  # a view of y: remember which
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        with torch.no_grad():
+            y = _group_norm_silu_forward(x, a, b, groups, eps, True)[0]
+        return y.as_strided(*packed)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        return conv(y)
