@@ -55,13 +55,14 @@ _G_KRON = torch.kron(_G, _G)  # (36, 9)
 _A_T_KRON = torch.kron(_A_T, _A_T)  # (16, 36)
 
 # Where this path beats oneDNN's direct convolution, measured on a 2-core AVX-512 CPU in
-# float32, channels-last, forward + backward (``python -m bench.winograd``, bench/README.md):
-# - the narrowest side (min of C_in, C_out): 64 channels 0.5-0.8x, 128 1.2x, 256 1.5-1.7x;
+# float32, channels-last (``python -m bench.winograd``, bench/README.md):
+# - the narrowest side (min of C_in, C_out): 64 channels 0.5-0.8x, 128 about 1-1.3x,
+#   256 1.4-1.8x, forward + backward;
 # - the number of 4x4 output blocks (batch x tiles): 16 or 32 are too few to keep the 36
-#   matrix products busy (0.6-0.9x);
-# - the transformed tiles, (36, blocks, channels): from about 2^17 blocks x channels (19 MB)
-#   on they outgrow the caches and the transforms' memory traffic dominates (8 x 384 -> 128 x
-#   32^2: 1.0x; 8 x 128 x 64^2: 0.7x).
+#   matrix products busy (0.7-1x);
+# - the transformed tiles, (36, blocks, channels), outgrow the caches beyond about 2^17
+#   blocks x channels (19 MB; 8 x 128 x 64^2 in one piece: 0.65x). Larger batches are
+#   therefore transformed a chunk of images at a time, and one image must fit in a chunk.
 MIN_CHANNELS = 128
 MIN_BLOCKS = 64
 MAX_BLOCKS_TIMES_CHANNELS = 2**17
@@ -85,7 +86,8 @@ def winograd_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, padding, di
     """Whether ``conv2d(x, weight, ...)`` is a convolution this module computes faster than
     PyTorch: float32 on the CPU (no autocast), channels-last, a 3x3 kernel with stride 1,
     padding 1, no dilation or groups, and a size in the range where it was measured to be
-    faster (see ``MIN_CHANNELS``, ``MIN_BLOCKS`` and ``MAX_BLOCKS_TIMES_CHANNELS``)."""
+    faster (``MIN_CHANNELS``, ``MIN_BLOCKS``; one image within ``MAX_BLOCKS_TIMES_CHANNELS``).
+    """
     tiles_h, tiles_w = _tile_counts(*x.shape[-2:])
     blocks = x.shape[0] * tiles_h * tiles_w
     return (
@@ -100,7 +102,7 @@ def winograd_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, padding, di
         and groups == 1
         and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
         and MIN_BLOCKS <= blocks
-        and blocks * max(weight.shape[0], weight.shape[1]) <= MAX_BLOCKS_TIMES_CHANNELS
+        and tiles_h * tiles_w * max(weight.shape[0], weight.shape[1]) <= MAX_BLOCKS_TIMES_CHANNELS
         and x.is_contiguous(memory_format=torch.channels_last)
     )
 
@@ -119,7 +121,8 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor,
 
     ``x`` (N, C, H, W), any size; the result is (N, C_out, H, W) in the channels-last layout.
     Differentiable; the backward pass keeps only ``x`` and ``weight`` and recomputes the input
-    transform, so it stores no more than the direct convolution.
+    transform, so it stores no more than the direct convolution. A large batch is transformed
+    in chunks of images (``_chunks``), so the temporaries stay cache-sized.
     """
     if tuple(weight.shape[2:]) != (3, 3) or weight.shape[1] != x.shape[1]:
         raise ValueError(f"winograd_conv2d needs a (C_out, {x.shape[1]}, 3, 3) weight for an "
@@ -180,6 +183,16 @@ def _overlap_add(tiles: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tenso
     return image
 
 
+def _chunks(n: int, tiles_per_image: int, channels: int) -> list[slice]:
+    """The batch in slices of about equal size, each holding at most
+    ``MAX_BLOCKS_TIMES_CHANNELS`` blocks x channels (at least one image), so that the
+    transformed tiles of a slice stay cache-sized however large the batch."""
+    per_chunk = max(1, MAX_BLOCKS_TIMES_CHANNELS // (tiles_per_image * channels))
+    count = math.ceil(n / per_chunk)
+    size = math.ceil(n / count)
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 class _Winograd(torch.autograd.Function):
     """F(4x4, 3x3) convolution with an explicit backward pass.
 
@@ -193,20 +206,23 @@ class _Winograd(torch.autograd.Function):
         n, _, h, w = x.shape
         out_ch = weight.shape[0]
         tiles_h, tiles_w = _tile_counts(h, w)
-        u = _input_transform(x.permute(0, 2, 3, 1), tiles_h, tiles_w)
-        m = torch.bmm(u, _weight_transform(weight).transpose(1, 2))  # (36, tiles, C_out)
-        del u
-        blocks = (_A_T_KRON.to(m) @ m.view(36, -1)).view(4, 4, n, tiles_h, tiles_w, out_ch)
-        del m
+        weight_t = _weight_transform(weight).transpose(1, 2)  # (36, C_in, C_out)
+        a_t = _A_T_KRON.to(x)
         out = torch.empty((n, out_ch, 4 * tiles_h, 4 * tiles_w), dtype=x.dtype,
                           device=x.device, memory_format=torch.channels_last)
-        # blocks[a, b, n, i, j] is output pixel (4i + a, 4j + b): write through that view
-        target = out.permute(0, 2, 3, 1).view(n, tiles_h, 4, tiles_w, 4, out_ch)
-        target = target.permute(2, 4, 0, 1, 3, 5)
-        if bias is None:
-            target.copy_(blocks)
-        else:
-            torch.add(blocks, bias.to(blocks.dtype), out=target)
+        x_nhwc, out_nhwc = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)
+        for images in _chunks(n, tiles_h * tiles_w, max(weight.shape[:2])):
+            k = images.stop - images.start
+            m = torch.bmm(_input_transform(x_nhwc[images], tiles_h, tiles_w), weight_t)
+            blocks = (a_t @ m.view(36, -1)).view(4, 4, k, tiles_h, tiles_w, out_ch)
+            del m
+            # blocks[a, b, n, i, j] is output pixel (4i + a, 4j + b): write through that view
+            target = out_nhwc[images].view(k, tiles_h, 4, tiles_w, 4, out_ch)
+            target = target.permute(2, 4, 0, 1, 3, 5)
+            if bias is None:
+                target.copy_(blocks)
+            else:
+                torch.add(blocks, bias.to(blocks.dtype), out=target)
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         if (4 * tiles_h, 4 * tiles_w) == (h, w):
@@ -220,30 +236,37 @@ class _Winograd(torch.autograd.Function):
         n, in_ch, h, w = x.shape
         out_ch = weight.shape[0]
         tiles_h, tiles_w = _tile_counts(h, w)
-        tiles = n * tiles_h * tiles_w
+        need_x, need_weight, need_bias = ctx.needs_input_grad
         grad_nhwc = grad_y.permute(0, 2, 3, 1)
         grad_nhwc = F.pad(grad_nhwc, (0, 0, 0, 4 * tiles_w - w, 0, 4 * tiles_h - h))
-        # (4, 4, N, tiles_h, tiles_w, C_out): output block entry (a, b) first
-        grad_blocks = grad_nhwc.reshape(n, tiles_h, 4, tiles_w, 4, out_ch)
-        grad_blocks = grad_blocks.permute(2, 4, 0, 1, 3, 5).contiguous()
-        grad_m = (_A_T_KRON.T.to(grad_blocks) @ grad_blocks.view(16, -1)).view(36, tiles, out_ch)
+        a_kron, b_kron = _A_T_KRON.T.to(x), _B_T_KRON.T.to(x)
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_u = torch.bmm(grad_m, _weight_transform(weight))  # (36, tiles, C_in)
-            grad_tiles = _B_T_KRON.T.to(grad_u) @ grad_u.view(36, -1)
-            del grad_u
-            grad_tiles = grad_tiles.view(6, 6, n, tiles_h, tiles_w, in_ch)
-            padded = _overlap_add(grad_tiles, tiles_h, tiles_w)
-            del grad_tiles
-            grad_x = padded[:, 1:h + 1, 1:w + 1].permute(0, 3, 1, 2)
-            grad_x = grad_x.contiguous(memory_format=torch.channels_last)
-        if ctx.needs_input_grad[1]:
-            u = _input_transform(x.permute(0, 2, 3, 1), tiles_h, tiles_w)  # recomputed
-            grad_v = torch.bmm(grad_m.transpose(1, 2), u)  # (36, C_out, C_in)
-            del u
+        if need_x:
+            weight_t = _weight_transform(weight)  # (36, C_out, C_in)
+            grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+        if need_weight:
+            grad_v = x.new_zeros(36, out_ch, in_ch)
+        for images in _chunks(n, tiles_h * tiles_w, max(in_ch, out_ch)):
+            k = images.stop - images.start
+            # (4, 4, k, tiles_h, tiles_w, C_out): output block entry (a, b) first
+            grad_blocks = grad_nhwc[images].reshape(k, tiles_h, 4, tiles_w, 4, out_ch)
+            grad_blocks = grad_blocks.permute(2, 4, 0, 1, 3, 5).contiguous()
+            grad_m = (a_kron @ grad_blocks.view(16, -1)).view(36, -1, out_ch)
+            del grad_blocks
+            if need_x:
+                grad_u = torch.bmm(grad_m, weight_t)  # (36, blocks, C_in)
+                grad_tiles = (b_kron @ grad_u.view(36, -1)).view(6, 6, k, tiles_h, tiles_w, in_ch)
+                del grad_u
+                padded = _overlap_add(grad_tiles, tiles_h, tiles_w)
+                del grad_tiles
+                grad_x.permute(0, 2, 3, 1)[images] = padded[:, 1:h + 1, 1:w + 1]
+            if need_weight:
+                u = _input_transform(x.permute(0, 2, 3, 1)[images], tiles_h, tiles_w)  # again
+                grad_v.baddbmm_(grad_m.transpose(1, 2), u)  # (36, C_out, C_in)
+        if need_weight:
             # (C_out C_in, 36) @ (36, 9): the rows come out in the weight's own order
             taps = grad_v.view(36, -1).T @ _G_KRON.to(grad_v)
             grad_weight = taps.view(out_ch, in_ch, 3, 3)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and need_bias:
             grad_bias = grad_y.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias

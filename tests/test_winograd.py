@@ -97,7 +97,7 @@ def test_a_wide_float32_channels_last_layer_takes_winograd():
 @pytest.mark.parametrize("change", [
     dict(c_in=64), dict(c_out=64),  # too narrow: the transforms dominate
     dict(n=1, h=16, w=16),  # 16 output blocks: too few
-    dict(h=64, w=64),  # 2048 blocks x 128 channels: the tiles outgrow the caches
+    dict(n=1, h=256, w=256),  # 4096 blocks x 128 channels in one image: beyond the caches
     dict(dtype=torch.bfloat16), dict(channels_last=False), dict(stride=2),
 ])
 def test_layers_outside_the_measured_range_stay_direct(change):
@@ -110,6 +110,24 @@ def test_autocast_and_the_switch_keep_convolutions_direct():
     with winograd_enabled(False):
         assert not routed(**ROUTED)
     assert routed(**ROUTED)  # the switch restores the previous setting
+
+
+def test_a_large_batch_takes_winograd_in_chunks_of_images():
+    assert routed(**{**ROUTED, "n": 64, "h": 64, "w": 64})
+    assert winograd._chunks(64, 256, 128) == [slice(s, s + 4) for s in range(0, 64, 4)]
+    assert winograd._chunks(7, 256, 256) == [slice(0, 2), slice(2, 4), slice(4, 6),
+                                             slice(6, 7)]
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_chunks_of_the_batch_compute_the_whole_convolution(monkeypatch, n):
+    """Uneven chunks (2 + 1 and 2 + 2 + 1 images), float64: same bound as unchunked."""
+    monkeypatch.setattr(winograd, "MAX_BLOCKS_TIMES_CHANNELS", 2 * 6 * 5)  # 2 images of 6
+    assert len(winograd._chunks(n, 6, 5)) == math.ceil(n / 2)
+    inputs = conv_inputs(n, 5, 3, 7, 9)
+    for a, e in zip(values_and_grads(winograd_conv2d, *inputs),
+                    values_and_grads(direct, *inputs)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
 @pytest.fixture
