@@ -244,8 +244,7 @@ class _Winograd(torch.autograd.Function):
         if need_x:
             weight_t = _weight_transform(weight)  # (36, C_out, C_in)
             grad_x = torch.empty_like(x, memory_format=torch.channels_last)
-        if need_weight:
-            grad_v = x.new_zeros(36, out_ch, in_ch)
+        grad_v = None  # (36, C_out, C_in), summed over the chunks
         for images in _chunks(n, tiles_h * tiles_w, max(in_ch, out_ch)):
             k = images.stop - images.start
             # (4, 4, k, tiles_h, tiles_w, C_out): output block entry (a, b) first
@@ -262,7 +261,10 @@ class _Winograd(torch.autograd.Function):
                 grad_x.permute(0, 2, 3, 1)[images] = padded[:, 1:h + 1, 1:w + 1]
             if need_weight:
                 u = _input_transform(x.permute(0, 2, 3, 1)[images], tiles_h, tiles_w)  # again
-                grad_v.baddbmm_(grad_m.transpose(1, 2), u)  # (36, C_out, C_in)
+                if grad_v is None:  # the first chunk writes it: no zero-filled buffer
+                    grad_v = torch.bmm(grad_m.transpose(1, 2), u)
+                else:
+                    grad_v.baddbmm_(grad_m.transpose(1, 2), u)
         if need_weight:
             # (C_out C_in, 36) @ (36, 9): the rows come out in the weight's own order
             taps = grad_v.view(36, -1).T @ _G_KRON.to(grad_v)
