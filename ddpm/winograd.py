@@ -238,7 +238,8 @@ class _Winograd(torch.autograd.Function):
         tiles_h, tiles_w = _tile_counts(h, w)
         need_x, need_weight, need_bias = ctx.needs_input_grad
         grad_nhwc = grad_y.permute(0, 2, 3, 1)
-        grad_nhwc = F.pad(grad_nhwc, (0, 0, 0, 4 * tiles_w - w, 0, 4 * tiles_h - h))
+        if (4 * tiles_h, 4 * tiles_w) != (h, w):  # F.pad copies even when it pads nothing
+            grad_nhwc = F.pad(grad_nhwc, (0, 0, 0, 4 * tiles_w - w, 0, 4 * tiles_h - h))
         a_kron, b_kron = _A_T_KRON.T.to(x), _B_T_KRON.T.to(x)
         grad_x = grad_weight = grad_bias = None
         if need_x:
