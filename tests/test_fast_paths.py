@@ -168,6 +168,28 @@ def test_fused_group_norm_silu_matches_the_separate_modules_in_float64(layout, f
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("film", [True, False])
+def test_normalising_from_saved_statistics_matches_group_norm(film, dtype):
+    """The backward pass and the recomputation normalise from the forward's statistics
+    instead of reducing again: float32 agrees with GroupNorm to rounding, and bfloat16 (which
+    keeps the native kernel) exactly."""
+    torch.manual_seed(5)
+    x = (torch.randn(3, 16, 9, 7) * 3 + 2).contiguous(memory_format=torch.channels_last)
+    a = torch.randn(3 if film else 1, 16)
+    b = torch.randn(3 if film else 1, 16)
+    x = x.to(dtype)
+    xhat, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, 3, 16, 63, 4, 1e-5)
+    expected = F.group_norm(x.double(), 4, eps=1e-5) * a[..., None, None] + b[..., None, None]
+    actual = fused_norm._normalize(x, mean, rstd, 4, 1e-5, a.to(dtype), b.to(dtype))
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual.double(), expected, **FP32)
+        torch.testing.assert_close(fused_norm._normalize(x, mean, rstd, 4, 1e-5), xhat, **FP32)
+    else:
+        a, b = a[..., None, None].to(dtype), b[..., None, None].to(dtype)
+        assert torch.equal(actual, torch.addcmul(b, xhat, a))
+
+
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
 def test_sum_of_products_in_slices_is_the_plain_sum(layout):
     """Large enough (>= 2^20 elements) to go in slices, with a last slice shorter than the
