@@ -229,7 +229,9 @@ def make_train_step(model: nn.Module, w: Workload, precision: str, seed: int = 0
     Returns the loss as a tensor, so that a GPU step never waits for the host.
     """
     schedule = NoiseSchedule("cosine", TIMESTEPS).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # Fused, as ddpm's trainer uses it; every contender gets the same optimiser.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4,
+                                  fused=torch.device(device).type in ("cpu", "cuda"))
     batch = synthetic_batch(w, seed, device)
     g = torch.Generator(device).manual_seed(seed + 1)
     device_type = torch.device(device).type
