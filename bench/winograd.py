@@ -8,6 +8,10 @@ a float64 convolution, relative to the largest output. The shapes are the UNet's
 ``bench/peers.py``'s workloads plus a sweep over width and block count, which is where the
 thresholds in ``ddpm/winograd.py`` come from.
 
+The upsampling form (``winograd_conv2d(..., upsample=True)``: the convolution of the
+nearest-neighbour doubled input) is measured against ``upsample_nearest_conv``'s direct form,
+the 2x2 convolution at the input's resolution that the UNet would use otherwise.
+
     python -m bench.winograd
 """
 
@@ -23,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from bench._common import machine_info, setup_process, write_json_atomic
-from ddpm.winograd import winograd_conv2d, winograd_pays_off
+from ddpm.convolutions import upsample_nearest_conv
+from ddpm.winograd import winograd_conv2d, winograd_enabled, winograd_pays_off
 
 RESULTS = Path(__file__).resolve().parent / "results" / "winograd.json"
 
@@ -34,6 +39,12 @@ SHAPES = [
     (12, 128, 384, 12),
     (8, 64, 64, 64), (8, 128, 64, 64), (8, 128, 128, 64), (16, 128, 128, 32),
     (16, 256, 256, 16), (1, 256, 256, 16), (8, 256, 256, 8), (2, 128, 128, 13),
+]
+# Upsampling layers, (batch, C, C, input size): the 2D workload's two, then a sweep.
+UPSAMPLE_SHAPES = [
+    (8, 256, 256, 16), (8, 128, 128, 32),
+    (8, 128, 128, 16), (16, 256, 256, 16), (2, 256, 256, 16), (8, 256, 256, 32),
+    (8, 64, 64, 32), (8, 256, 256, 8),
 ]
 
 
@@ -54,19 +65,28 @@ def relative_error(y: torch.Tensor, reference: torch.Tensor) -> float:
     return ((y.double() - reference).abs().max() / reference.abs().max()).item()
 
 
-def measure(shape, reps: int) -> dict:
+def measure(shape, reps: int, upsample: bool = False) -> dict:
     n, c_in, c_out, size = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, c_in, size, size, generator=g).contiguous(
         memory_format=torch.channels_last).requires_grad_()
     w = (torch.randn(c_out, c_in, 3, 3, generator=g) / math.sqrt(9 * c_in)).requires_grad_()
     b = torch.randn(c_out, generator=g).requires_grad_()
-    grad = torch.randn(n, c_out, size, size, generator=g).contiguous(
+    out_size = 2 * size if upsample else size
+    grad = torch.randn(n, c_out, out_size, out_size, generator=g).contiguous(
         memory_format=torch.channels_last)
-    direct = lambda: F.conv2d(x, w, b, padding=1)  # noqa: E731
-    winograd = lambda: winograd_conv2d(x, w, b)  # noqa: E731
-    reference = F.conv2d(x.double(), w.double(), b.double(), padding=1)
-    row = {"shape": list(shape), "routed": winograd_pays_off(x, w, (1, 1), (1, 1), (1, 1), 1),
+    if upsample:
+        def direct():
+            with winograd_enabled(False):
+                return upsample_nearest_conv(x, w, b)
+        reference = F.conv2d(F.interpolate(x.double(), scale_factor=2, mode="nearest"),
+                             w.double(), b.double(), padding=1)
+    else:
+        direct = lambda: F.conv2d(x, w, b, padding=1)  # noqa: E731
+        reference = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    winograd = lambda: winograd_conv2d(x, w, b, upsample=upsample)  # noqa: E731
+    row = {"shape": list(shape), "upsample": upsample,
+           "routed": winograd_pays_off(x, w, (1, 1), (1, 1), (1, 1), 1, upsample=upsample),
            "error_direct": relative_error(direct(), reference),
            "error_winograd": relative_error(winograd(), reference)}
     for label, wrap in (("forward", lambda f: f),
@@ -91,8 +111,12 @@ def main(argv=None) -> int:
     print(f"{'N x C_in -> C_out x S^2':>26}  routed  forward           fwd+bwd"
           "           error direct / Winograd")
     rows = []
-    for shape in SHAPES:
-        row = measure(shape, args.reps)
+    jobs = [(shape, False) for shape in SHAPES] + [(shape, True) for shape in UPSAMPLE_SHAPES]
+    for shape, upsample in jobs:
+        if upsample and not rows[-1]["upsample"]:
+            print("upsampling: the convolution of the doubled input (input size given), "
+                  "against upsample_nearest_conv's direct form")
+        row = measure(shape, args.reps, upsample)
         rows.append(row)
         n, c_in, c_out, size = shape
         f, t = row["forward"], row["training"]

@@ -12,11 +12,17 @@ outputs instead of 144, a quarter of the direct convolution's. The transforms co
 traffic that does not shrink with the channel count, so this pays off only for wide layers;
 ``winograd_pays_off`` holds the measured rule. The rounding differs from the direct
 convolution's: relative errors of about 1e-5 in float32 instead of 1e-6 (tests bound it).
+
+The same products compute a 3x3 convolution of the nearest-neighbour doubled image without
+building it: the 6x6 tile of the doubled image around an output block repeats a 4x4 tile of
+the input, d = R e R^T with R the (6, 4) repetition below, so its transform is
+(B^T R) e (B^T R)^T, read straight from the input with step 2.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -53,6 +59,27 @@ _A_T = torch.tensor([
 _B_T_KRON = torch.kron(_B_T, _B_T)  # (36, 36)
 _G_KRON = torch.kron(_G, _G)  # (36, 9)
 _A_T_KRON = torch.kron(_A_T, _A_T)  # (16, 36)
+# Rows 4i - 1 ... 4i + 4 of the doubled image are rows 2i - 1, 2i, 2i, 2i + 1, 2i + 1, 2i + 2
+# of the input: the 6x6 tile of an output block repeats the input's 4x4 tile at step 2.
+_REPEAT = torch.tensor([[1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 0, 0],
+                        [0, 0, 1, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.float64)
+_B_T_REPEAT = _B_T @ _REPEAT  # (6, 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """Where the input tiles of the output blocks lie: ``size`` x ``size`` tiles of the input
+    at step ``step``, transformed by ``transform`` (36, size^2); the output has ``scale``
+    times the input's size."""
+
+    size: int
+    step: int
+    transform: torch.Tensor
+    scale: int
+
+
+_CONV = _Tiling(size=6, step=4, transform=_B_T_KRON, scale=1)
+_UPSAMPLE_CONV = _Tiling(size=4, step=2, transform=torch.kron(_B_T_REPEAT, _B_T_REPEAT), scale=2)
 
 # Where this path beats oneDNN's direct convolution, measured on a 2-core AVX-512 CPU in
 # float32, channels-last (``python -m bench.winograd``, bench/README.md):
@@ -66,6 +93,13 @@ _A_T_KRON = torch.kron(_A_T, _A_T)  # (16, 36)
 MIN_CHANNELS = 128
 MIN_BLOCKS = 64
 MAX_BLOCKS_TIMES_CHANNELS = 2**17
+# The upsampling form competes with ``upsample_nearest_conv``'s direct form, which already
+# needs only 4/9 of a plain convolution's multiply-adds. Forward + backward, by input size
+# (``python -m bench.winograd``): 1.2-1.8x where one output image is at most 2^14 blocks x
+# channels (8 x 256 x 16^2: 1.5x; 8 x 128 x 16^2: 1.2x); beyond it 8 x 128 x 32^2 gave
+# 0.8-1.0x in two runs, 8 x 256 x 32^2 1.1-1.5x, and 64 channels lose (0.8x).
+MIN_CHANNELS_UPSAMPLE = 128
+MAX_BLOCKS_TIMES_CHANNELS_UPSAMPLE = 2**14
 _enabled = True
 
 
@@ -82,13 +116,16 @@ def winograd_enabled(enabled: bool) -> Iterator[None]:
 
 
 def winograd_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
-                      groups: int) -> bool:
+                      groups: int, upsample: bool = False) -> bool:
     """Whether ``conv2d(x, weight, ...)`` is a convolution this module computes faster than
     PyTorch: float32 on the CPU (no autocast), channels-last, a 3x3 kernel with stride 1,
     padding 1, no dilation or groups, and a size in the range where it was measured to be
     faster (``MIN_CHANNELS``, ``MIN_BLOCKS``; one image within ``MAX_BLOCKS_TIMES_CHANNELS``).
+    ``upsample``: the convolution of the doubled ``x``, against ``upsample_nearest_conv``'s
+    direct form (``MIN_CHANNELS_UPSAMPLE``, ``MAX_BLOCKS_TIMES_CHANNELS_UPSAMPLE``).
     """
-    tiles_h, tiles_w = _tile_counts(*x.shape[-2:])
+    scale = 2 if upsample else 1
+    tiles_h, tiles_w = _tile_counts(scale * x.shape[-2], scale * x.shape[-1])
     blocks = x.shape[0] * tiles_h * tiles_w
     return (
         _enabled
@@ -100,9 +137,11 @@ def winograd_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, padding, di
         and tuple(weight.shape[2:]) == (3, 3)
         and tuple(stride) == (1, 1) and tuple(padding) == (1, 1) and tuple(dilation) == (1, 1)
         and groups == 1
-        and min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS
+        and min(weight.shape[0], weight.shape[1]) >= (MIN_CHANNELS_UPSAMPLE if upsample
+                                                       else MIN_CHANNELS)
         and MIN_BLOCKS <= blocks
-        and tiles_h * tiles_w * max(weight.shape[0], weight.shape[1]) <= MAX_BLOCKS_TIMES_CHANNELS
+        and tiles_h * tiles_w * max(weight.shape[0], weight.shape[1]) <= (
+            MAX_BLOCKS_TIMES_CHANNELS_UPSAMPLE if upsample else MAX_BLOCKS_TIMES_CHANNELS)
         and x.is_contiguous(memory_format=torch.channels_last)
     )
 
@@ -115,19 +154,22 @@ def conv2d_3x3(x: torch.Tensor, weight: torch.Tensor,
     return F.conv2d(x, weight, bias, padding=1)
 
 
-def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight``, by F(4x4, 3x3).
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    upsample: bool = False) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 ``weight``, by F(4x4, 3x3); with
+    ``upsample``, the same convolution of ``x`` doubled by nearest-neighbour repetition,
+    without building the doubled image.
 
-    ``x`` (N, C, H, W), any size; the result is (N, C_out, H, W) in the channels-last layout.
-    Differentiable; the backward pass keeps only ``x`` and ``weight`` and recomputes the input
-    transform, so it stores no more than the direct convolution. A large batch is transformed
-    in chunks of images (``_chunks``), so the temporaries stay cache-sized.
+    ``x`` (N, C, H, W), any size; the result is (N, C_out, H, W), or (N, C_out, 2H, 2W), in
+    the channels-last layout. Differentiable; the backward pass keeps only ``x`` and ``weight``
+    and recomputes the input transform, so it stores no more than the direct convolution. A
+    large batch is transformed in chunks of images (``_chunks``), so the temporaries stay
+    cache-sized.
     """
     if tuple(weight.shape[2:]) != (3, 3) or weight.shape[1] != x.shape[1]:
         raise ValueError(f"winograd_conv2d needs a (C_out, {x.shape[1]}, 3, 3) weight for an "
                          f"input of shape {tuple(x.shape)}; got {tuple(weight.shape)}")
-    return _Winograd.apply(x, weight, bias)
+    return _Winograd.apply(x, weight, bias, _UPSAMPLE_CONV if upsample else _CONV)
 
 
 def _tile_counts(height: int, width: int) -> tuple[int, int]:
@@ -135,13 +177,21 @@ def _tile_counts(height: int, width: int) -> tuple[int, int]:
     return math.ceil(height / 4), math.ceil(width / 4)
 
 
-def _input_transform(x_nhwc: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
-    """B^T d B for every 6x6 input tile: (36, N tiles_h tiles_w, C)."""
+def _input_transform(x_nhwc: torch.Tensor, tiles_h: int, tiles_w: int,
+                     tiling: _Tiling) -> torch.Tensor:
+    """B^T d B for the input tile d of every output block: (36, N tiles_h tiles_w, C)."""
     n, h, w, c = x_nhwc.shape
-    padded = F.pad(x_nhwc, (0, 0, 1, 4 * tiles_w + 1 - w, 1, 4 * tiles_h + 1 - h))
-    # tiles of 6 with step 4 along H and W -> (6, 6, N, tiles_h, tiles_w, C), copied once
-    d = padded.unfold(1, 6, 4).unfold(2, 6, 4).permute(4, 5, 0, 1, 2, 3).contiguous()
-    return (_B_T_KRON.to(d) @ d.view(36, -1)).view(36, n * tiles_h * tiles_w, c)
+    size, step = tiling.size, tiling.step
+    padded = F.pad(x_nhwc, (0, 0, 1, _padded_size(tiles_w, tiling) - 1 - w,
+                            1, _padded_size(tiles_h, tiling) - 1 - h))
+    # the tiles along H and W -> (size, size, N, tiles_h, tiles_w, C), copied once
+    d = padded.unfold(1, size, step).unfold(2, size, step).permute(4, 5, 0, 1, 2, 3).contiguous()
+    return (tiling.transform.to(d) @ d.view(size * size, -1)).view(36, n * tiles_h * tiles_w, c)
+
+
+def _padded_size(tiles: int, tiling: _Tiling) -> int:
+    """Length of the zero-padded input axis that ``tiles`` input tiles cover."""
+    return tiling.step * tiles + tiling.size - tiling.step
 
 
 def _weight_transform(weight: torch.Tensor) -> torch.Tensor:
@@ -155,28 +205,30 @@ def _weight_transform(weight: torch.Tensor) -> torch.Tensor:
     return (_G_KRON.to(weight) @ taps).view(36, out_ch, in_ch)
 
 
-def _overlap_add(tiles: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
-    """Sum 6x6 tiles (6, 6, N, tiles_h, tiles_w, C) placed with step 4 into the padded image
-    (N, 4 tiles_h + 2, 4 tiles_w + 2, C): the adjoint of the tile extraction.
+def _overlap_add(tiles: torch.Tensor, tiles_h: int, tiles_w: int,
+                 tiling: _Tiling) -> torch.Tensor:
+    """Sum the input tiles (size, size, N, tiles_h, tiles_w, C), placed at their steps, into
+    the padded input (N, padded H, padded W, C): the adjoint of the tile extraction.
 
-    One axis at a time; the first four offsets of a step-4 grid never overlap, so they are
-    copied, and only offsets 4 and 5 are added.
+    One axis at a time; the first ``step`` offsets of the grid never overlap, so they are
+    copied, and only the others are added.
     """
+    size, step = tiling.size, tiling.step
     _, _, n, _, _, c = tiles.shape
-    width = 4 * tiles_w + 2
-    rows = tiles.new_empty(6, n, tiles_h, width, c)  # the W axis summed, H still in tiles
-    rows[:, :, :, 4 * tiles_w:].zero_()
-    for j in range(6):
-        target = rows[:, :, :, j:j + 4 * tiles_w:4]
-        if j < 4:
+    width = _padded_size(tiles_w, tiling)
+    rows = tiles.new_empty(size, n, tiles_h, width, c)  # the W axis summed, H still in tiles
+    rows[:, :, :, step * tiles_w:].zero_()
+    for j in range(size):
+        target = rows[:, :, :, j:j + step * tiles_w:step]
+        if j < step:
             target.copy_(tiles[:, j])
         else:
             target.add_(tiles[:, j])
-    image = tiles.new_empty(n, 4 * tiles_h + 2, width, c)
-    image[:, 4 * tiles_h:].zero_()
-    for i in range(6):
-        target = image[:, i:i + 4 * tiles_h:4]
-        if i < 4:
+    image = tiles.new_empty(n, _padded_size(tiles_h, tiling), width, c)
+    image[:, step * tiles_h:].zero_()
+    for i in range(size):
+        target = image[:, i:i + step * tiles_h:step]
+        if i < step:
             target.copy_(rows[i])
         else:
             target.add_(rows[i])
@@ -198,14 +250,16 @@ class _Winograd(torch.autograd.Function):
 
     With U = B^T d B (input), V = G g G^T (weight) and M = U V per tile position, the output
     is A^T M A. Backward: dM = A dY A^T; dU = dM V^T, dV = U^T dM; d(tile) = B dU B^T, summed
-    over overlapping tiles; dg = G^T dV G. All are the same products transposed.
+    over overlapping tiles; dg = G^T dV G. All are the same products transposed. ``tiling``
+    says where the tiles d lie in x (``_CONV``, or ``_UPSAMPLE_CONV`` for the doubled x).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, tiling: _Tiling):
         n, _, h, w = x.shape
         out_ch = weight.shape[0]
-        tiles_h, tiles_w = _tile_counts(h, w)
+        out_h, out_w = tiling.scale * h, tiling.scale * w
+        tiles_h, tiles_w = _tile_counts(out_h, out_w)
         weight_t = _weight_transform(weight).transpose(1, 2)  # (36, C_in, C_out)
         a_t = _A_T_KRON.to(x)
         out = torch.empty((n, out_ch, 4 * tiles_h, 4 * tiles_w), dtype=x.dtype,
@@ -213,7 +267,9 @@ class _Winograd(torch.autograd.Function):
         x_nhwc, out_nhwc = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)
         for images in _chunks(n, tiles_h * tiles_w, max(weight.shape[:2])):
             k = images.stop - images.start
-            m = torch.bmm(_input_transform(x_nhwc[images], tiles_h, tiles_w), weight_t)
+            u = _input_transform(x_nhwc[images], tiles_h, tiles_w, tiling)
+            m = torch.bmm(u, weight_t)
+            del u
             blocks = (a_t @ m.view(36, -1)).view(4, 4, k, tiles_h, tiles_w, out_ch)
             del m
             # blocks[a, b, n, i, j] is output pixel (4i + a, 4j + b): write through that view
@@ -224,23 +280,25 @@ class _Winograd(torch.autograd.Function):
             else:
                 torch.add(blocks, bias.to(blocks.dtype), out=target)
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        if (4 * tiles_h, 4 * tiles_w) == (h, w):
+        ctx.has_bias, ctx.tiling = bias is not None, tiling
+        if (4 * tiles_h, 4 * tiles_w) == (out_h, out_w):
             return out
-        return out[:, :, :h, :w].contiguous(memory_format=torch.channels_last)
+        return out[:, :, :out_h, :out_w].contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
+        tiling = ctx.tiling
         n, in_ch, h, w = x.shape
         out_ch = weight.shape[0]
-        tiles_h, tiles_w = _tile_counts(h, w)
-        need_x, need_weight, need_bias = ctx.needs_input_grad
+        out_h, out_w = grad_y.shape[-2:]
+        tiles_h, tiles_w = _tile_counts(out_h, out_w)
+        need_x, need_weight, need_bias, _ = ctx.needs_input_grad
         grad_nhwc = grad_y.permute(0, 2, 3, 1)
-        if (4 * tiles_h, 4 * tiles_w) != (h, w):  # F.pad copies even when it pads nothing
-            grad_nhwc = F.pad(grad_nhwc, (0, 0, 0, 4 * tiles_w - w, 0, 4 * tiles_h - h))
-        a_kron, b_kron = _A_T_KRON.T.to(x), _B_T_KRON.T.to(x)
+        if (4 * tiles_h, 4 * tiles_w) != (out_h, out_w):  # F.pad copies even when it pads nothing
+            grad_nhwc = F.pad(grad_nhwc, (0, 0, 0, 4 * tiles_w - out_w, 0, 4 * tiles_h - out_h))
+        a_kron, b_kron = _A_T_KRON.T.to(x), tiling.transform.T.to(x)
         grad_x = grad_weight = grad_bias = None
         if need_x:
             weight_t = _weight_transform(weight)  # (36, C_out, C_in)
@@ -255,13 +313,14 @@ class _Winograd(torch.autograd.Function):
             del grad_blocks
             if need_x:
                 grad_u = torch.bmm(grad_m, weight_t)  # (36, blocks, C_in)
-                grad_tiles = (b_kron @ grad_u.view(36, -1)).view(6, 6, k, tiles_h, tiles_w, in_ch)
+                grad_tiles = (b_kron @ grad_u.view(36, -1)).view(
+                    tiling.size, tiling.size, k, tiles_h, tiles_w, in_ch)
                 del grad_u
-                padded = _overlap_add(grad_tiles, tiles_h, tiles_w)
+                padded = _overlap_add(grad_tiles, tiles_h, tiles_w, tiling)
                 del grad_tiles
                 grad_x.permute(0, 2, 3, 1)[images] = padded[:, 1:h + 1, 1:w + 1]
             if need_weight:
-                u = _input_transform(x.permute(0, 2, 3, 1)[images], tiles_h, tiles_w)  # again
+                u = _input_transform(x.permute(0, 2, 3, 1)[images], tiles_h, tiles_w, tiling)
                 if grad_v is None:  # the first chunk writes it: no zero-filled buffer
                     grad_v = torch.bmm(grad_m.transpose(1, 2), u)
                 else:
@@ -272,4 +331,4 @@ class _Winograd(torch.autograd.Function):
             grad_weight = taps.view(out_ch, in_ch, 3, 3)
         if ctx.has_bias and need_bias:
             grad_bias = grad_y.sum((0, 2, 3))
-        return grad_x, grad_weight, grad_bias
+        return grad_x, grad_weight, grad_bias, None

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import randomise
 
 import ddpm.winograd as winograd
-from ddpm.convolutions import Conv2d, Conv3d
+from ddpm.convolutions import Conv2d, Conv3d, upsample_nearest_conv
 from ddpm.unet import ResBlock, UNet
 from ddpm.winograd import winograd_conv2d, winograd_enabled, winograd_pays_off
 
@@ -79,6 +79,89 @@ def test_winograd_rejects_a_kernel_that_is_not_3x3():
         winograd_conv2d(x, torch.randn(2, 4, 5, 5))
 
 
+def upsample_then_conv(x, weight, bias):
+    return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
+
+
+def winograd_upsample(x, weight, bias):
+    return winograd_conv2d(x, weight, bias, upsample=True)
+
+
+@pytest.mark.parametrize("size", [(2, 2), (4, 6), (5, 3), (7, 7), (1, 1)])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_upsampling_is_the_convolution_of_the_doubled_input_in_float64(
+        size, channels_last, bias):
+    """Odd sizes too: their doubled image ends inside a 4x4 output block."""
+    inputs = conv_inputs(2, 5, 3, *size, channels_last=channels_last, bias=bias)
+    actual = values_and_grads(winograd_upsample, *inputs)
+    expected = values_and_grads(upsample_then_conv, *inputs)
+    assert actual[0].shape[-2:] == (2 * size[0], 2 * size[1])
+    assert actual[0].is_contiguous(memory_format=torch.channels_last)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_winograd_upsampling_float32_error_is_within_the_stated_bound():
+    x, weight, bias = conv_inputs(3, 16, 24, 8, 7, dtype=torch.float32)
+    actual = values_and_grads(winograd_upsample, x, weight, bias)
+    exact = values_and_grads(upsample_then_conv, *(t.detach().double().requires_grad_()
+                                                   for t in (x, weight, bias)))
+    for name, a, e in zip(("output", "grad x", "grad weight", "grad bias"), actual, exact):
+        assert_within_bound(a, e, name)
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_chunks_of_the_batch_compute_the_whole_upsampling(monkeypatch, n):
+    monkeypatch.setattr(winograd, "MAX_BLOCKS_TIMES_CHANNELS", 2 * 4 * 5)  # 2 images of 4
+    inputs = conv_inputs(n, 5, 3, 4, 3)
+    for a, e in zip(values_and_grads(winograd_upsample, *inputs),
+                    values_and_grads(upsample_then_conv, *inputs)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+UPSAMPLED = dict(n=8, c_in=256, c_out=256, h=16, w=16)  # the 2D workload's lowest upsampling
+
+
+def routed_upsampling(n, c_in, c_out, h, w, dtype=torch.float32, channels_last=True):
+    x = torch.empty(n, c_in, h, w, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.empty(c_out, c_in, 3, 3, dtype=dtype)
+    return winograd_pays_off(x, weight, (1, 1), (1, 1), (1, 1), 1, upsample=True)
+
+
+@pytest.mark.parametrize("change", [
+    dict(c_in=64, c_out=64),  # too narrow
+    dict(c_in=128, c_out=128, h=32, w=32),  # 64^2 outputs: the direct form is faster
+    dict(n=1, h=4, w=4),  # 4 output blocks: too few
+    dict(dtype=torch.bfloat16), dict(channels_last=False),
+])
+def test_upsampling_takes_winograd_only_in_the_measured_range(change):
+    assert routed_upsampling(**UPSAMPLED)
+    assert not routed_upsampling(**{**UPSAMPLED, **change})
+
+
+def test_upsample_nearest_conv_routes_through_winograd_and_back(winograd_everywhere,
+                                                               monkeypatch):
+    x, weight, bias = conv_inputs(2, 8, 8, 5, 6, dtype=torch.float32)
+    calls = []
+    original = winograd.winograd_conv2d
+    monkeypatch.setattr("ddpm.convolutions.winograd_conv2d",
+                        lambda *a, **k: calls.append(k) or original(*a, **k))
+    actual = values_and_grads(upsample_nearest_conv, x, weight, bias)
+    assert calls == [{"upsample": True}]
+    with winograd_enabled(False):
+        direct_form = values_and_grads(upsample_nearest_conv, x, weight, bias)
+    assert calls == [{"upsample": True}]
+    exact = values_and_grads(upsample_then_conv, *(t.detach().double().requires_grad_()
+                                                   for t in (x, weight, bias)))
+    for name, a, d, e in zip(("output", "grad x", "grad weight", "grad bias"), actual,
+                             direct_form, exact):
+        assert_within_bound(a, e, name)
+        assert_within_bound(d, e, name)
+
+
 ROUTED = dict(n=8, c_in=128, c_out=128, h=32, w=32)  # a layer measured to pay off
 
 
@@ -134,6 +217,7 @@ def test_chunks_of_the_batch_compute_the_whole_convolution(monkeypatch, n):
 def winograd_everywhere(monkeypatch):
     """Route even the tiny test layers through Winograd."""
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_CHANNELS_UPSAMPLE", 1)
     monkeypatch.setattr(winograd, "MIN_BLOCKS", 1)
 
 
@@ -157,8 +241,9 @@ def test_batch1_conv3d_takes_winograd_through_its_2d_route(winograd_everywhere, 
     x = torch.randn(1, 8, 6, 8, 8).contiguous(memory_format=torch.channels_last_3d)
     x.requires_grad_()
     calls = []
+    original = winograd.winograd_conv2d
     monkeypatch.setattr("ddpm.winograd.winograd_conv2d",
-                        lambda *a: calls.append(1) or winograd._Winograd.apply(*a))
+                        lambda *a: calls.append(1) or original(*a))
     actual = values_and_grads(lambda *a: conv(a[0]), x, conv.weight, conv.bias)
     expected = values_and_grads(lambda *a: F.conv3d(a[0], conv.weight, conv.bias, padding=1),
                                 x, conv.weight, conv.bias)
