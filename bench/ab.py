@@ -6,12 +6,17 @@ change to ``ddpm/unet.py`` is judged better here: both versions live in one proc
 same weights and data, and their training steps (and short DDIM runs) alternate, the order
 flipping every repetition, so a slow spell of the machine hits both alike.
 
+``--switch`` compares the current code with one of its fast paths switched off instead
+(``SWITCHES``): then one model serves both, and only the switch alternates.
+
     python -m bench.ab --other before=/path/to/old/unet.py --dims 3 --precision fp32
+    python -m bench.ab --switch winograd-upsampling-off --reps 12
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import sys
@@ -34,10 +39,55 @@ from bench._common import (
 RESULTS = Path(__file__).resolve().parent / "results" / "ab.json"
 
 
+@contextlib.contextmanager
+def _setting(module, name: str, value):
+    """``module.name`` set to ``value`` within the block."""
+    previous = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, previous)
+
+
+def _winograd_upsampling_off():
+    import ddpm.winograd
+
+    return _setting(ddpm.winograd, "MIN_CHANNELS_UPSAMPLE", float("inf"))
+
+
+def _winograd_off():
+    from ddpm.winograd import winograd_enabled
+
+    return winograd_enabled(False)
+
+
+def _stored_conv_inputs():
+    import ddpm.unet
+
+    forward = ddpm.unet.ResBlock.forward
+
+    def storing(self, x, emb, recompute_conv_inputs=True):
+        return forward(self, x, emb, recompute_conv_inputs=False)
+
+    return _setting(ddpm.unet.ResBlock, "forward", storing)
+
+
+# Fast paths that --switch turns off: name -> a context manager factory.
+SWITCHES = {
+    "winograd-upsampling-off": _winograd_upsampling_off,  # upsample_nearest_conv's direct form
+    "winograd-off": _winograd_off,  # every convolution direct
+    "stored-conv-inputs": _stored_conv_inputs,  # ResBlocks store their conv inputs
+}
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--other", required=True, metavar="LABEL=PATH",
-                   help="the unet.py to compare the current one with")
+    versus = p.add_mutually_exclusive_group(required=True)
+    versus.add_argument("--other", metavar="LABEL=PATH",
+                        help="the unet.py to compare the current one with")
+    versus.add_argument("--switch", choices=sorted(SWITCHES),
+                        help="compare with the current code with this fast path off")
     p.add_argument("--dims", type=int, choices=(2, 3), default=2)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--reps", type=int, default=6, help="alternations (default 6)")
@@ -45,11 +95,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DDIM steps per repetition; 0 skips sampling (default 3)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.reps < 1 or args.ddim_steps < 0:
+        p.error("--reps must be >= 1 and --ddim-steps >= 0")
+    if args.switch:
+        args.label, args.path = args.switch, None
+        return args
     label, sep, path = args.other.partition("=")
     if not sep or not label or not Path(path).is_file():
         p.error(f"--other expects LABEL=PATH to an existing unet.py, got {args.other!r}")
-    if args.reps < 1 or args.ddim_steps < 0:
-        p.error("--reps must be >= 1 and --ddim-steps >= 0")
     args.label, args.path = label, path
     return args
 
@@ -69,23 +122,30 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_process()
     w = WORKLOADS[args.dims]
-    versions = {"current": None, args.label: args.path}
+    versions = {"current": contextlib.nullcontext,
+                args.label: SWITCHES[args.switch] if args.switch else contextlib.nullcontext}
     models, steps = {}, {}
-    for name, path in versions.items():
-        torch.manual_seed(0)
-        models[name] = build_ddpm(w, path)
-        steps[name] = make_train_step(models[name], w, args.precision)
+    for name in versions:
+        if args.switch and models:  # one model; only the switch differs
+            models[name], steps[name] = models["current"], steps["current"]
+        else:
+            torch.manual_seed(0)
+            models[name] = build_ddpm(w, args.path if name == args.label else None)
+            steps[name] = make_train_step(models[name], w, args.precision)
         for _ in range(2):  # warm-up
-            steps[name]()
+            with versions[name]():
+                steps[name]()
     train = {name: [] for name in versions}
     ddim = {name: [] for name in versions}
     for rep in range(args.reps):
         order = list(versions) if rep % 2 == 0 else list(versions)[::-1]
         for name in order:
-            train[name].append(seconds(steps[name]))
+            with versions[name]():
+                train[name].append(seconds(steps[name]))
         for name in order if args.ddim_steps else ():
-            run = seconds(functools.partial(run_ddim, models[name], w, args.precision,
-                                            args.ddim_steps))
+            with versions[name]():
+                run = seconds(functools.partial(run_ddim, models[name], w, args.precision,
+                                                args.ddim_steps))
             ddim[name].append(run / args.ddim_steps)
     result = {name: {"train_step_s": train[name], "ddim_step_s": ddim[name]} for name in versions}
     print(f"{w.describe()} | {args.precision} | {args.reps} alternations")

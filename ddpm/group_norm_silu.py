@@ -58,8 +58,8 @@ class _GroupNormSiLU(torch.autograd.Function):
         mean_g = (a32 * grad_b).reshape(n, groups, -1).mean(-1, keepdim=True) / x[0, 0].numel()
         mean_gx = (a32 * grad_a).reshape(n, groups, -1).mean(-1, keepdim=True) / x[0, 0].numel()
         coef_grad = (a32.reshape(n, groups, -1) * r).reshape(n, c)
-        coef_xhat = (-mean_gx * r).expand(n, groups, c // groups).reshape(n, c)
-        const = (-mean_g * r).expand(n, groups, c // groups).reshape(n, c)
+        coef_xhat = _per_group_to_channel(-mean_gx * r, c)
+        const = _per_group_to_channel(-mean_g * r, c)
         grad_x = _multiply_add_into(xhat, _per_channel(coef_xhat, x), _per_channel(const, x))
         grad_x = grad_x.addcmul_(grad_z, _per_channel(coef_grad, x))
         if a.shape[0] == 1 < n:  # a, b were broadcast over the batch
@@ -104,18 +104,22 @@ def _normalize(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, groups: 
         return xhat if a is None else _multiply_add_into(xhat, _per_channel(a, x),
                                                          _per_channel(b, x))
 
-    def per_channel(stat: torch.Tensor) -> torch.Tensor:  # (B, groups) -> (B, C)
-        stat = stat.to(x.dtype).reshape(n, groups, 1)
-        return stat.expand(n, groups, c // groups).reshape(n, c)
-
-    scale = per_channel(rstd) if a is None else per_channel(rstd) * a.to(x.dtype)
-    shift = -per_channel(mean) * scale
+    rstd_c = _per_group_to_channel(rstd.to(x.dtype), c)
+    scale = rstd_c if a is None else rstd_c * a.to(x.dtype)
+    shift = -_per_group_to_channel(mean.to(x.dtype), c) * scale
     if b is not None:
         shift = shift + b.to(x.dtype)
     scale, shift = _per_channel(scale, x), _per_channel(shift, x)
     if xhat is None or torch.compiler.is_compiling():  # see _multiply_add_into
         return torch.addcmul(shift, x, scale)
     return torch.addcmul(shift, x, scale, out=xhat)
+
+
+def _per_group_to_channel(stat: torch.Tensor, channels: int) -> torch.Tensor:
+    """(B, groups) or (B, groups, 1) -> (B, C): each group's value for each of its channels."""
+    n, groups = stat.shape[:2]
+    stat = stat.reshape(n, groups, 1)
+    return stat.expand(n, groups, channels // groups).reshape(n, channels)
 
 
 def _multiply_add_into(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
