@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"also run {CHECKPOINTING}: the UNet with gradient checkpointing")
     p.add_argument("--keep-denormals", action="store_true",
                    help="do not flush denormals (see bench/README.md)")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="keep glibc's default malloc thresholds instead of "
+                        "ddpm.runtime.reuse_freed_memory (see bench/README.md)")
     p.add_argument("--omp-wait-policy", choices=("default", "passive", "active"),
                    default="default",
                    help="OpenMP idle threads: the runtime's default (spin briefly, then "
@@ -96,9 +99,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def serve(conn, name: str, unet_path: str | None, dims: int, precision: str,
-          flush_denormal: bool, threads: int) -> None:
-    """Worker process: build one contender, then answer train / sample / stop requests."""
-    setup_process(flush_denormal, threads)
+          settings: dict) -> None:
+    """Worker process: build one contender, then answer train / sample / stop requests.
+    ``settings``: the keyword arguments of ``setup_process``, alike for every contender."""
+    setup_process(**settings)
     # Every worker imports the same libraries, so the baseline memory is alike.
     for lib in ("diffusers", "monai"):
         try:
@@ -140,12 +144,12 @@ class Contender:
     """The parent's handle on one worker process."""
 
     def __init__(self, ctx, name: str, unet_path: str | None, dims: int, precision: str,
-                 flush_denormal: bool, threads: int):
+                 settings: dict):
         self.name, self.precision = name, precision
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(
             target=serve, daemon=True,
-            args=(child, name, unet_path, dims, precision, flush_denormal, threads))
+            args=(child, name, unet_path, dims, precision, settings))
         self.process.start()
         self.error = None
         self.info = self.ask(None)
@@ -177,8 +181,10 @@ def run_block(args, dims: int, precision: str, names: list[str]) -> dict:
     print(f"\n== {w.describe()} | {precision} | {args.threads} threads | {args.rounds} rounds x "
           f"{args.steps} steps, DDIM {args.ddim_steps} steps | load {os.getloadavg()[0]:.1f}",
           flush=True)
-    contenders = [Contender(ctx, n, args.variants.get(n), dims, precision,
-                            not args.keep_denormals, args.threads) for n in names]
+    settings = dict(flush_denormal=not args.keep_denormals, threads=args.threads,
+                    reuse_memory=not args.malloc_default)
+    contenders = [Contender(ctx, n, args.variants.get(n), dims, precision, settings)
+                  for n in names]
     live = [c for c in contenders if not c.error]
     start = time.perf_counter()
     for r in range(args.rounds):

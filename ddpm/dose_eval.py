@@ -41,7 +41,7 @@ from .dose_data import DoseVolumeDataset
 from .dose_plots import ablation_plot, dose_panels
 from .dose_predict import predict_dose
 from .ema import EMA
-from .runtime import resolve_device
+from .runtime import resolve_device, reuse_freed_memory
 from .schedule import NoiseSchedule
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,6 +111,8 @@ def load_dose_model(path, device="auto", weights: str = "ema", name: str | None 
     if weights not in ("ema", "live"):
         raise ValueError(f"weights must be 'ema' or 'live', got {weights!r}")
     device = resolve_device(device) if isinstance(device, str) else device
+    if device.type == "cpu":
+        reuse_freed_memory()  # sampling on the CPU otherwise page-faults on every activation
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     if weights == "ema":

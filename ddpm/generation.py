@@ -27,7 +27,7 @@ from .checkpoint import load_checkpoint
 from .conditioning import class_token, model_conditions, quantize_z_local
 from .config import Config, config_from_dict
 from .ema import EMA
-from .runtime import resolve_device
+from .runtime import resolve_device, reuse_freed_memory
 from .sampling import guided, sample
 from .schedule import NoiseSchedule
 
@@ -102,6 +102,8 @@ def load_trained(path, device: str = "auto") -> TrainedModel:
         if key not in meta:
             raise ValueError(f"checkpoint {path}: cache_meta lacks {key!r}")
     device = resolve_device(device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # sampling on the CPU otherwise page-faults on every activation
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     model.to(device).eval()

@@ -1,7 +1,10 @@
-"""Where a training process runs: its device, its place in a DDP job, and its data order."""
+"""Where a training process runs: its device, its place in a DDP job, its data order, and
+how it reuses freed memory on the CPU."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 from dataclasses import dataclass
@@ -39,6 +42,30 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     if info.active and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return info, device
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def reuse_freed_memory() -> bool:
+    """Keep memory this process frees for its next allocations (glibc malloc; CPU work).
+
+    By default glibc serves large allocations with fresh pages from the kernel and hands freed
+    ones back, so every activation-sized tensor of a CPU training step is zero-filled by the
+    kernel page by page on first touch: 40-60 thousand page faults and about 0.1 s of system
+    time per step of the 2D benchmark model, and an out-of-place elementwise op on a 16 MiB
+    tensor takes 3-4x as long as one into a reused buffer. With the mmap and trim thresholds
+    raised, allocations up to 1 GiB come from the heap and freed memory stays there for the
+    next step. The peak resident memory does not grow: a step reuses what the previous one
+    freed. Returns whether the setting took (False where the C library has no ``mallopt``).
+    """
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -44,7 +44,7 @@ from .config import Config, config_to_dict, save_config
 from .ema import EMA
 from .losses import DiffusionLoss
 from .objectives import build_objective
-from .runtime import Dist, setup_distributed
+from .runtime import Dist, reuse_freed_memory, setup_distributed
 from .tasks import DoseTask, LesionTask
 from .validation import write_performance
 
@@ -139,6 +139,8 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
     ``"auto"`` (continue from ``<run>/checkpoints/last.pt`` when there is one) or a path.
     """
     dist_info, device = setup_distributed(cfg.train.device)
+    if device.type == "cpu":
+        reuse_freed_memory()  # a CPU step otherwise page-faults on every fresh activation
     say = tqdm.write if dist_info.is_main else (lambda msg: None)
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
     tc, oc = cfg.train, cfg.optim
