@@ -57,8 +57,9 @@ def reuse_freed_memory() -> bool:
     time per step of the 2D benchmark model, and an out-of-place elementwise op on a 16 MiB
     tensor takes 3-4x as long as one into a reused buffer. With the mmap and trim thresholds
     raised, allocations up to 1 GiB come from the heap and freed memory stays there for the
-    next step. The peak resident memory does not grow: a step reuses what the previous one
-    freed. Returns whether the setting took (False where the C library has no ``mallopt``).
+    next step. The cost is a little peak resident memory, which the heap keeps as it grew:
+    +3-4% for the 3D benchmark model, about none for the 2D one (bench/README.md). Returns
+    whether the setting took (False where the C library has no ``mallopt``).
     """
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
