@@ -8,9 +8,11 @@ DDIM steps through ``ddpm.sampling.sample``). Reported per contender: training s
 model FLOPs of one training step counted by ``torch.utils.flop_counter`` and the model FLOPs
 utilisation (MFU) they give against the bf16 matrix rate measured in the same run.
 
-All contenders share one process, one after another, with the allocator's peak reset in
-between; compilation happens in untimed warm-up steps and its time is reported apart. Work is
-planned within ``--budget`` seconds: what would not fit is skipped and said so.
+All contenders share one process. Each is first built, compiled (in untimed warm-up steps,
+whose time is reported apart) and measured for peak memory, one after another; all then stay
+on the GPU for the timed rounds, in which the contenders take turns (a rotated order each
+round), so that the GPU's drift over minutes reaches all alike. Jobs are planned within
+``--budget`` seconds: what would not fit is skipped and said so.
 
     python -m bench.gpu --out bench/results/gpu.json
 """
@@ -82,10 +84,13 @@ PLAN = [  # in order of importance: eager figures first, compilation (minutes) l
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20, help="timed training steps (default 20)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="timed rounds, the jobs interleaved (default 3)")
+    p.add_argument("--steps", type=int, default=7,
+                   help="timed training steps per job and round (default 7); a round also "
+                        "times one DDIM run per job")
     p.add_argument("--warmup", type=int, default=5, help="untimed training steps first")
     p.add_argument("--ddim-steps", type=int, default=50)
-    p.add_argument("--ddim-runs", type=int, default=3, help="timed DDIM runs (median)")
     p.add_argument("--budget", type=float, default=480.0,
                    help="seconds of work to plan for; jobs that would not fit are skipped")
     p.add_argument("--only", nargs="+", help="labels of the jobs to run (default all)")
@@ -126,8 +131,11 @@ def reset_memory() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def peak_memory_gb() -> float:
-    return torch.cuda.max_memory_allocated() / 1e9 if DEVICE == "cuda" else float("nan")
+def peak_memory_gb(resident: int = 0) -> float:
+    """The allocator's peak since the last reset, less ``resident`` bytes, in GB."""
+    if DEVICE != "cuda":
+        return float("nan")
+    return (torch.cuda.max_memory_allocated() - resident) / 1e9
 
 
 def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
@@ -172,39 +180,74 @@ def print_profile(step, rows: int) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=rows), flush=True)
 
 
-def train_figures(net: torch.nn.Module, w: Workload, args) -> dict:
-    """Warm-up (compilation included), then the timed steps and their peak memory."""
-    step = make_train_step(net, w, "bf16", device=DEVICE)
-    reset_memory()
-    warmup_s = synchronized_seconds(lambda: [step() for _ in range(args.warmup)])
-    times = [synchronized_seconds(step) for _ in range(args.steps)]
-    if args.profile and not isinstance(net, torch._dynamo.eval_frame.OptimizedModule):
-        print_profile(step, args.profile)
-    loss = step()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"training loss is {float(loss)}")
-    return {"warmup_s": warmup_s, "train_peak_gb": peak_memory_gb(),
-            "train_step_ms": statistics.median(times) * 1e3,
-            "train_samples_per_s": w.batch / statistics.median(times)}
+@dataclasses.dataclass
+class Prepared:
+    """A job built, compiled and warmed up, kept on the GPU for the timed rounds."""
+
+    job: Job
+    workload: Workload
+    net: torch.nn.Module  # compiled where the job says so
+    step: object  # one training step (make_train_step)
+    result: dict
+    train_times: list = dataclasses.field(default_factory=list)
+    ddim_times: list = dataclasses.field(default_factory=list)
 
 
-def run_job(job: Job, args) -> dict:
+def prepare(job: Job, args) -> Prepared:
+    """Build the job's model, count its FLOPs, then compile and warm up training and DDIM.
+
+    Peak memory is the job's own: the allocator's peak during its warm-up minus what the jobs
+    prepared before it keep on the GPU (their weights and optimiser state).
+    """
     w = GPU_WORKLOADS[job.workload]
     reset_memory()
-    model = build(job, w)
-    result = {"params": parameter_count(model), "workload": w.describe()}
+    resident = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+    result = {"workload": w.describe()}
     if not job.compile:
         result["train_flops"] = training_flops(build(job, w), w)
+        reset_memory()
+    model = build(job, w)
+    result["params"] = parameter_count(model)
     net = torch.compile(model, mode=args.compile_mode) if job.compile else model
-    result.update(train_figures(net, w, args))
-    reset_memory()  # the optimizer's state is gone with train_figures' frame
+    step = make_train_step(net, w, "bf16", device=DEVICE)
+    result["warmup_s"] = synchronized_seconds(lambda: [step() for _ in range(args.warmup)])
+    result["train_peak_gb"] = peak_memory_gb(resident)
+    if args.profile and not job.compile:
+        print_profile(step, args.profile)
+    before_ddim = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+    reset_memory()
     result["ddim_warmup_s"] = synchronized_seconds(lambda: run_ddim(net, w, "bf16", 2,
                                                                     device=DEVICE))
-    ddim = [synchronized_seconds(lambda: run_ddim(net, w, "bf16", args.ddim_steps, device=DEVICE))
-            for _ in range(args.ddim_runs)]
-    result["ddim_s"] = statistics.median(ddim)
-    result["ddim_peak_gb"] = peak_memory_gb()
-    return result
+    result["ddim_extra_gb"] = peak_memory_gb(before_ddim)  # above what the job keeps
+    return Prepared(job, w, net, step, result)
+
+
+def timed_round(run: Prepared, args) -> None:
+    """One round of a prepared job: ``args.steps`` training steps and one DDIM run."""
+    run.train_times += [synchronized_seconds(run.step) for _ in range(args.steps)]
+    run.ddim_times.append(synchronized_seconds(
+        lambda: run_ddim(run.net, run.workload, "bf16", args.ddim_steps, device=DEVICE)))
+
+
+def figures(run: Prepared) -> dict:
+    """The job's figures so far: medians over its timed steps and DDIM runs."""
+    if not run.ddim_times:
+        return run.result | {"skipped": "prepared; no timed round yet"}
+    step_s = statistics.median(run.train_times)
+    return run.result | {"rounds": len(run.ddim_times), "train_step_ms": step_s * 1e3,
+                         "train_samples_per_s": run.workload.batch / step_s,
+                         "ddim_s": statistics.median(run.ddim_times)}
+
+
+def failure(error: Exception) -> dict:
+    """A job's entry when it failed: one contender failing must not cost the others' figures."""
+    return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+
+def check_loss(run: Prepared) -> None:
+    loss = run.step()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {float(loss)}")
 
 
 def add_mfu(results: dict, peak_tflops: float) -> None:
@@ -249,7 +292,7 @@ def main(argv=None) -> int:
         for name, w in GPU_WORKLOADS.items():
             GPU_WORKLOADS[name] = dataclasses.replace(w, size=16, batch=2)
         plan = [job for job in PLAN if not job.compile]
-        args.steps, args.warmup, args.ddim_steps, args.ddim_runs = 2, 1, 3, 1
+        args.steps, args.warmup, args.ddim_steps, args.rounds = 2, 1, 3, 2
     elif not torch.cuda.is_available():
         print("bench/gpu.py needs a CUDA GPU; none is visible (--smoke checks the script on "
               "the CPU)", file=sys.stderr)
@@ -262,26 +305,64 @@ def main(argv=None) -> int:
                "cuda": torch.version.cuda, "bf16_matmul_tflops": peak,
                "datasheet_bf16_tflops": DATASHEET_BF16_TFLOPS}
     print(json.dumps(machine), flush=True)
-    results = {}
+    if any(job.compile for job in plan):  # every compiled job stays alive: one cache entry each
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+    errors, prepared = {}, {}
+
+    def save() -> dict:
+        results = {}
+        for job in plan:
+            key = f"{job.workload} {job.label}"
+            if key in errors or key in prepared:
+                results[key] = errors.get(key) or figures(prepared[key])
+        add_mfu(results, peak)
+        write_json_atomic(args.out, {"machine": machine, "settings": vars(args) | {"out": None},
+                                     "results": results})
+        return results
+
+    # 1. Each job built, compiled and warmed up, one after another; all stay on the GPU.
     for job in plan:
         key = f"{job.workload} {job.label}"
         if args.only and job.label not in args.only and key not in args.only:
             continue
         elapsed = time.perf_counter() - start
         if elapsed + job.estimate_s > args.budget:
-            results[key] = {"skipped": f"skipped: {elapsed:.0f} s spent of a {args.budget:.0f} s "
-                                       f"budget, about {job.estimate_s:.0f} s needed"}
+            errors[key] = {"skipped": f"skipped: {elapsed:.0f} s spent of a {args.budget:.0f} s "
+                                      f"budget, about {job.estimate_s:.0f} s needed"}
             continue
-        print(f"-- {key}", flush=True)
+        print(f"-- preparing {key}", flush=True)
         try:
-            results[key] = run_job(job, args)
-        except Exception as error:  # one contender failing must not cost the others' figures
-            results[key] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-        results[key]["wall_s"] = time.perf_counter() - start - elapsed
-        torch._dynamo.reset()
-        add_mfu(results, peak)
-        write_json_atomic(args.out, {"machine": machine, "settings": vars(args) | {"out": None},
-                                     "results": results})
+            prepared[key] = prepare(job, args)
+        except Exception as error:
+            errors[key] = failure(error)
+        save()
+
+    # 2. Timed rounds with the jobs interleaved, each round in a rotated order, so that the
+    # GPU's drift over minutes (clocks, temperature, neighbours) reaches every job alike.
+    order = list(prepared)
+    for r in range(args.rounds):
+        if r and time.perf_counter() - start > args.budget:
+            print(f"-- budget spent: {r} of {args.rounds} rounds", flush=True)
+            break
+        shift = r % max(len(order), 1)
+        for key in order[shift:] + order[:shift]:
+            if key in errors:
+                continue
+            try:
+                timed_round(prepared[key], args)
+            except Exception as error:
+                errors[key] = failure(error)
+        print(f"-- round {r + 1}/{args.rounds} done ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+        save()
+    for key, run in prepared.items():
+        try:
+            check_loss(run)
+        except Exception as error:
+            errors[key] = failure(error)
+    results = save()
     print_table(results)
     print(f"\nwrote {args.out} ({time.perf_counter() - start:.0f} s)")
     return 0
