@@ -184,7 +184,6 @@ def print_profile(step, rows: int) -> None:
 class Prepared:
     """A job built, compiled and warmed up, kept on the GPU for the timed rounds."""
 
-    job: Job
     workload: Workload
     net: torch.nn.Module  # compiled where the job says so
     step: object  # one training step (make_train_step)
@@ -219,7 +218,7 @@ def prepare(job: Job, args) -> Prepared:
     result["ddim_warmup_s"] = synchronized_seconds(lambda: run_ddim(net, w, "bf16", 2,
                                                                     device=DEVICE))
     result["ddim_extra_gb"] = peak_memory_gb(before_ddim)  # above what the job keeps
-    return Prepared(job, w, net, step, result)
+    return Prepared(w, net, step, result)
 
 
 def timed_round(run: Prepared, args) -> None:

@@ -111,8 +111,7 @@ def load_dose_model(path, device="auto", weights: str = "ema", name: str | None 
     if weights not in ("ema", "live"):
         raise ValueError(f"weights must be 'ema' or 'live', got {weights!r}")
     device = resolve_device(device) if isinstance(device, str) else device
-    if device.type == "cpu":
-        reuse_freed_memory()  # sampling on the CPU otherwise page-faults on every activation
+    reuse_freed_memory(device)  # CPU sampling otherwise page-faults on every activation
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     if weights == "ema":

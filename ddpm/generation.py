@@ -102,8 +102,7 @@ def load_trained(path, device: str = "auto") -> TrainedModel:
         if key not in meta:
             raise ValueError(f"checkpoint {path}: cache_meta lacks {key!r}")
     device = resolve_device(device)
-    if device.type == "cpu":
-        reuse_freed_memory()  # sampling on the CPU otherwise page-faults on every activation
+    reuse_freed_memory(device)  # CPU sampling otherwise page-faults on every activation
     model = build_model(cfg)
     model.load_state_dict(state["model"])
     model.to(device).eval()

@@ -48,8 +48,9 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
-def reuse_freed_memory() -> bool:
-    """Keep memory this process frees for its next allocations (glibc malloc; CPU work).
+def reuse_freed_memory(device: torch.device | None = None) -> bool:
+    """Keep memory this process frees for its next allocations (glibc malloc), for work on
+    ``device`` (None: the CPU); a GPU device changes nothing.
 
     By default glibc serves large allocations with fresh pages from the kernel and hands freed
     ones back, so every activation-sized tensor of a CPU training step is zero-filled by the
@@ -59,8 +60,10 @@ def reuse_freed_memory() -> bool:
     raised, allocations up to 1 GiB come from the heap and freed memory stays there for the
     next step. The cost is a little peak resident memory, which the heap keeps as it grew:
     +3-4% for the 3D benchmark model, about none for the 2D one (bench/README.md). Returns
-    whether the setting took (False where the C library has no ``mallopt``).
+    whether the setting took (False for a GPU, or where the C library has no ``mallopt``).
     """
+    if device is not None and device.type != "cpu":
+        return False
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):

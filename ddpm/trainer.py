@@ -139,8 +139,7 @@ def train(cfg: Config, *, config_path=None, resume: str | None = None, progress:
     ``"auto"`` (continue from ``<run>/checkpoints/last.pt`` when there is one) or a path.
     """
     dist_info, device = setup_distributed(cfg.train.device)
-    if device.type == "cpu":
-        reuse_freed_memory()  # a CPU step otherwise page-faults on every fresh activation
+    reuse_freed_memory(device)  # a CPU step otherwise page-faults on every fresh activation
     say = tqdm.write if dist_info.is_main else (lambda msg: None)
     run_dir = Path(cfg.train.run_dir) / cfg.train.name
     tc, oc = cfg.train, cfg.optim

@@ -43,3 +43,11 @@ def test_reusing_freed_memory_stops_the_page_faults_of_repeated_large_allocation
         pytest.skip(f"{default} faults for {pages} pages by default: huge pages or another "
                     "allocator already reuse the memory")
     assert reused * 10 < default, (default, reused)
+
+
+def test_reusing_freed_memory_leaves_a_gpu_run_alone():
+    import torch
+
+    from ddpm.runtime import reuse_freed_memory
+
+    assert reuse_freed_memory(torch.device("cuda")) is False
