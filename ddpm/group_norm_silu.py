@@ -36,32 +36,41 @@ class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        # Two activation-sized buffers besides grad_y: xhat, which becomes grad_x, and z,
-        # which becomes grad_z.
+        # One activation-sized buffer besides grad_y: z, which becomes grad_z, then grad_x.
+        # The normalised x exists only a slice at a time.
         x, a, b, mean, rstd = ctx.saved_tensors
         n, c = x.shape[:2]
         groups, spatial = ctx.groups, tuple(range(2, x.ndim))
-        xhat = _normalize(x, mean, rstd, groups, ctx.eps)
-        grad_z = grad_y
         if ctx.silu:
-            z = torch.addcmul(_per_channel(b, x), xhat, _per_channel(a, x))
+            z = _normalize(x, mean, rstd, groups, ctx.eps, a, b)  # the forward pass's z
             grad_z = torch.ops.aten.silu_backward.grad_input(grad_y, z, grad_input=z)
+            grad_x = grad_z  # grad_x[i] overwrites grad_z[i] once grad_z[i] has been read
+        else:
+            grad_z, grad_x = grad_y, torch.empty_like(x)
         # Sums in the input dtype (CPU and CUDA accumulate bf16 in fp32 internally); asking
         # for an fp32 result would first copy the whole tensor to fp32.
         acc = torch.promote_types(x.dtype, torch.float32)
-        grad_b = grad_z.sum(spatial).to(acc)  # (B, C)
-        grad_a = _sum_of_products(grad_z, xhat, spatial, acc)  # (B, C)
+        grad_a, grad_b = x.new_zeros((2, n, c), dtype=acc)  # summed a slice at a time
+        normalized = _SliceNormalizer(x, mean, rstd)
+        for i in _slices(x):  # each slice a temporary, in place from there on
+            grad_b[i[:1]] += grad_z[i].sum(spatial).to(acc)
+            grad_a[i[:1]] += normalized(i).mul_(grad_z[i]).sum(spatial).to(acc)
         # GroupNorm's input gradient with g = a * grad_z, r = rstd, means over each group:
         # dx = r * (g - mean(g) - xhat * mean(g * xhat)); both means follow from grad_a, grad_b.
         a32 = a.to(acc).expand(n, c)
         r = rstd.to(acc).reshape(n, groups, 1)
         mean_g = (a32 * grad_b).reshape(n, groups, -1).mean(-1, keepdim=True) / x[0, 0].numel()
         mean_gx = (a32 * grad_a).reshape(n, groups, -1).mean(-1, keepdim=True) / x[0, 0].numel()
-        coef_grad = (a32.reshape(n, groups, -1) * r).reshape(n, c)
+        coef_grad = _per_channel((a32.reshape(n, groups, -1) * r).reshape(n, c), x)
         coef_xhat = _per_group_to_channel(-mean_gx * r, c)
         const = _per_group_to_channel(-mean_g * r, c)
-        grad_x = _multiply_add_into(xhat, _per_channel(coef_xhat, x), _per_channel(const, x))
-        grad_x = grad_x.addcmul_(grad_z, _per_channel(coef_grad, x))
+        # grad_x = coef_grad * grad_z + (coef_xhat * xhat + const), a slice at a time
+        term = _SliceNormalizer(x, mean, rstd, coef_xhat, const)
+        for i in _slices(x):
+            if torch.compiler.is_compiling():  # see _multiply_add_into
+                grad_x = torch.addcmul(term(i), grad_z, coef_grad)
+            else:
+                torch.addcmul(term(i), grad_z[i], coef_grad[i[:1]], out=grad_x[i])
         if a.shape[0] == 1 < n:  # a, b were broadcast over the batch
             grad_a, grad_b = grad_a.sum(0, keepdim=True), grad_b.sum(0, keepdim=True)
         return grad_x, grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None
@@ -132,16 +141,58 @@ def _multiply_add_into(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> tor
     return torch.addcmul(b, x, a, out=x)
 
 
-def _sum_of_products(u: torch.Tensor, v: torch.Tensor, dims: tuple[int, ...],
-                     dtype: torch.dtype) -> torch.Tensor:
-    """(u * v).sum(dims) in ``dtype``, without an activation-sized temporary for u * v.
+_SLICE_BYTES = 4 << 20  # the backward pass normalises x this much at a time (_slices)
 
-    Large inputs go in eight slices along dim 2, so the product exists an eighth at a time.
+
+class _SliceNormalizer:
+    """``normalizer(i)`` = (GroupNorm(x) * a + b)[i] for an index ``i`` from ``_slices(x)``,
+    from the group statistics; ``a``, ``b``: (B, C), or None for 1 and 0.
+
+    Float32 and float64 fold everything into one multiply-add per element, as ``_normalize``
+    does (bit for bit its result without ``a``, ``b``); lower precisions subtract the mean
+    first (their statistics are stored rounded, and the folded terms would cancel to that).
     """
-    if torch.compiler.is_compiling() or u.numel() < 2**20:
-        return (u * v).sum(dims).to(dtype)
-    size = -(-u.shape[2] // 8)
-    return sum((us * vs).sum(dims).to(dtype) for us, vs in zip(u.split(size, 2), v.split(size, 2)))
+
+    def __init__(self, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                 a: torch.Tensor | None = None, b: torch.Tensor | None = None):
+        n, c = x.shape[:2]
+        self.x, self.exact = x, x.dtype in (torch.float32, torch.float64)
+        shape = (n, c) + (1,) * (x.ndim - 2)
+
+        def per_channel(v: torch.Tensor | None, fill: float, per_group: bool = False):
+            if v is None:
+                return torch.full(shape, fill, dtype=x.dtype, device=x.device)
+            v = _per_group_to_channel(v, c) if per_group else v.expand(n, c)
+            return v.to(x.dtype).reshape(shape)
+
+        self.mean, self.b = per_channel(mean, 0, True), per_channel(b, 0)
+        self.scale = per_channel(rstd, 1, True) * per_channel(a, 1)  # (x - mean) * scale + b
+        self.shift = self.b - self.mean * self.scale  # x * scale + shift
+
+    def __call__(self, i: tuple[slice, ...]) -> torch.Tensor:
+        rows = i[:1]  # the samples of this slice, for the (B, C, 1, ...) coefficients
+        if self.exact:
+            return torch.addcmul(self.shift[rows], self.x[i], self.scale[rows])
+        return torch.addcmul(self.b[rows], self.x[i] - self.mean[rows], self.scale[rows])
+
+
+def _slices(x: torch.Tensor):
+    """Indices cutting ``x`` into pieces of about ``_SLICE_BYTES``, each a block of memory:
+    along the batch, or for one channels-last sample along dim 2 (its outermost spatial
+    axis). Only the whole of x for one sample in the contiguous layout, whose slices would
+    be strided, and under torch.compile, which plans its own buffers."""
+    pieces = -(-x.nbytes // _SLICE_BYTES)
+    n = x.shape[0]
+    if (pieces == 1 or torch.compiler.is_compiling()
+            or (n == 1 and memory_format_of(x) == torch.contiguous_format)):
+        yield (slice(None),)
+    elif n > 1:
+        step = -(-n // min(pieces, n))
+        yield from ((slice(s, s + step),) for s in range(0, n, step))
+    else:
+        step = -(-x.shape[2] // min(pieces, x.shape[2]))
+        yield from ((slice(None), slice(None), slice(s, s + step))
+                    for s in range(0, x.shape[2], step))
 
 
 def _per_channel(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ values of order one. Where the math itself is checked, float64 is used and the b
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,17 +146,18 @@ def plain_norm_silu(x, norm, scale, shift, silu):
     return F.silu(h) if silu else h
 
 
+@pytest.mark.parametrize("size", [(5, 6), (67, 800)])  # the larger: 5 slices in backward
 @pytest.mark.parametrize("silu", [True, False])
 @pytest.mark.parametrize("film", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-def test_fused_group_norm_silu_matches_the_separate_modules_in_float64(layout, film, silu):
+def test_fused_group_norm_silu_matches_the_separate_modules_in_float64(layout, film, silu, size):
     torch.manual_seed(4)
     norm = nn.GroupNorm(4, 16).double()
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
     # A mean far from zero and a spread unlike one: what a conv output looks like.
-    x = (torch.randn(3, 16, 5, 6, dtype=torch.float64) * 2 + 1).contiguous(memory_format=layout)
+    x = (torch.randn(3, 16, *size, dtype=torch.float64) * 2 + 1).contiguous(memory_format=layout)
     x.requires_grad_()
     scale = torch.randn(3, 16, dtype=torch.float64, requires_grad=True) if film else None
     shift = torch.randn(3, 16, dtype=torch.float64, requires_grad=True) if film else None
@@ -190,15 +193,36 @@ def test_normalising_from_saved_statistics_matches_group_norm(film, dtype):
         assert torch.equal(actual, torch.addcmul(b, xhat, a))
 
 
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
-def test_sum_of_products_in_slices_is_the_plain_sum(layout):
-    """Large enough (>= 2^20 elements) to go in slices, with a last slice shorter than the
-    others (70 rows in slices of 9)."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch, layout", [(3, torch.contiguous_format),
+                                           (3, torch.channels_last_3d),
+                                           (1, torch.channels_last_3d)])
+def test_slices_cover_x_once_and_are_normalised_alike(batch, layout, dtype):
+    """Large enough to go in slices (along the batch, or along dim 2 for one sample), with a
+    last slice shorter than the others."""
     torch.manual_seed(6)
-    u, v = (torch.randn(2, 16, 70, 40, 12, dtype=torch.float64).contiguous(memory_format=layout)
-            for _ in range(2))
-    actual = fused_norm._sum_of_products(u, v, (2, 3, 4), torch.float64)
-    torch.testing.assert_close(actual, (u * v).sum((2, 3, 4)), rtol=1e-12, atol=1e-12)
+    size = (70, 40, 48) if batch == 1 else (10, 40, 48)  # 8.6 or 3.7 MiB in bfloat16
+    x = (torch.randn(batch, 16, *size, dtype=torch.float64) * 3 + 1).to(dtype)
+    x = x.contiguous(memory_format=layout)
+    a, b = torch.randn(batch, 16, dtype=torch.float64), torch.randn(batch, 16, dtype=torch.float64)
+    xhat, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, batch, 16, x[0, 0].numel(),
+                                                        4, 1e-5)
+    expected = xhat.double() * a[..., None, None, None] + b[..., None, None, None]
+    covered = torch.zeros(x.shape, dtype=torch.int)
+    with mock.patch.object(fused_norm, "_SLICE_BYTES", 1 << 20):
+        indices = list(fused_norm._slices(x))
+    assert len(indices) > 1
+    normalized = fused_norm._SliceNormalizer(x, mean, rstd, a, b)
+    for index in indices:
+        covered[index] += 1
+        piece = normalized(index)
+        assert piece.dtype == dtype
+        # bfloat16: the statistics are stored rounded to 8 bits, the kernel keeps them in
+        # float32; each differs from the other by a few roundings of 2^-9.
+        tolerance = (dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64
+                     else dict(rtol=2**-6, atol=2**-5))
+        torch.testing.assert_close(piece.double(), expected[index], **tolerance)
+    assert covered.eq(1).all()
 
 
 def saved_activation_elements(fn, *args) -> int:
@@ -222,6 +246,37 @@ def test_fused_group_norm_silu_keeps_only_its_input_for_backward():
     fused = saved_activation_elements(group_norm_silu, x, norm, scale, shift)
     plain = saved_activation_elements(plain_norm_silu, x, norm, scale, shift, True)
     assert fused < 1.1 * x.numel() < plain / 2
+
+
+def peak_bytes_allocated_during(fn) -> int:
+    """The most bytes that ``fn()`` held allocated at once, beyond what existed before it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("batch, layout", [(4, torch.channels_last),
+                                           (1, torch.channels_last_3d)])
+def test_fused_group_norm_silu_backward_holds_one_activation_sized_buffer(batch, layout):
+    """Besides the incoming gradient: z, which becomes grad_z and then grad_x in place; the
+    normalised x exists a slice (about 4 MiB) at a time. Computing it whole would hold two."""
+    spatial = (128, 128) if layout == torch.channels_last else (32, 32, 32)
+    x = torch.randn(batch, 64, *spatial).contiguous(memory_format=layout)  # 16 or 8 MiB
+    x.requires_grad_()
+    norm = nn.GroupNorm(8, 64)
+    scale, shift = torch.randn(batch, 64), torch.randn(batch, 64)
+    y = group_norm_silu(x, norm, scale, shift)
+    grad_y = torch.randn_like(y)
+    peak = peak_bytes_allocated_during(lambda: y.backward(grad_y))
+    x_bytes = x.numel() * x.element_size()
+    assert x_bytes <= peak < x_bytes + (6 << 20)
 
 
 def norm_conv_inputs(dims: int, batch: int, layout, film: bool):
