@@ -88,12 +88,41 @@ class Conv2d(nn.Conv2d):
         return super()._conv_forward(x, weight, bias)
 
 
+def _bf16_weight_gradient_is_unsafe(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN would compute the weight gradient of this 3D bfloat16 CPU convolution
+    partly from memory it never wrote: seen for a volume shallower than the kernel (2 deep
+    under 3, 1 under 2: the lowest levels of a deep UNet on small patches) on an AVX512-BF16
+    CPU without AMX. The gradient then holds whatever the allocator's memory held before, NaN
+    or silently wrong values (a test fills that memory with NaN to show it).
+    """
+    low_precision = x.dtype in (torch.bfloat16, torch.float16) or (
+        x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
+    return (x.ndim == 5 and x.device.type == "cpu" and low_precision
+            and torch.is_grad_enabled() and weight.requires_grad
+            and x.shape[2] < weight.shape[2])
+
+
+def _conv3d_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       **kwargs) -> torch.Tensor:
+    """``F.conv3d`` in float32, returned in the low precision it was asked in (tiny volumes
+    only, where float32 costs little; see ``_bf16_weight_gradient_is_unsafe``)."""
+    dtype = torch.get_autocast_dtype("cpu") if x.dtype == torch.float32 else x.dtype
+    with torch.autocast("cpu", enabled=False):
+        y = F.conv3d(x.float(), weight.float(), None if bias is None else bias.float(),
+                     **kwargs)
+    return y.to(dtype)
+
+
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` that avoids PyTorch's slow float32 CPU kernel for batch-1 volumes."""
+    """``nn.Conv3d`` that avoids PyTorch's slow float32 CPU kernel for batch-1 volumes, and
+    its unsafe bfloat16 weight gradient for volumes shallower than the kernel."""
 
     def _conv_forward(self, x, weight, bias):
         if self.padding_mode == "zeros" and _native_conv3d_is_slow(x, self):
             return conv3d_as_conv2d(x, weight, bias)
+        if self.padding_mode == "zeros" and _bf16_weight_gradient_is_unsafe(x, weight):
+            return _conv3d_in_float32(x, weight, bias, stride=self.stride, padding=self.padding,
+                                      dilation=self.dilation, groups=self.groups)
         return super()._conv_forward(x, weight, bias)
 
 
@@ -142,6 +171,8 @@ def upsample_nearest_conv(x: torch.Tensor, weight: torch.Tensor,
     parity_bias = None if bias is None else bias.repeat(2**dims)
     if _below_onednn_threshold(x):  # padding first lifts x over PyTorch's oneDNN threshold
         y = F.conv3d(F.pad(x, (1, 1) * dims), kernel, parity_bias)
+    elif _bf16_weight_gradient_is_unsafe(x, kernel):
+        y = _conv3d_in_float32(x, kernel, parity_bias, padding=1)
     else:
         y = (F.conv2d if dims == 2 else F.conv3d)(x, kernel, parity_bias, padding=1)
     # y: (N, 2^d O, S+1)

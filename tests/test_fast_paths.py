@@ -110,6 +110,47 @@ def test_3d_unet_gives_the_same_gradients_with_and_without_the_rerouted_convolut
         torch.testing.assert_close(fast_grads[name], grad, **FP32, msg=name)
 
 
+def test_bf16_weight_gradient_of_a_volume_shallower_than_the_kernel_is_right():
+    """On some CPUs (AVX512-BF16 without AMX) oneDNN's bfloat16 weight gradient of such a
+    volume leaves entries it never writes. Holes of the gradient's size, filled with NaN and
+    freed just before, make any such entry show."""
+    torch.manual_seed(7)
+    conv = convolutions.Conv3d(32, 32, 3, padding=1)
+    x = torch.randn(2, 32, 2, 4, 4)
+    grad = torch.randn(2, 32, 2, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16
+    keep = []
+    for dtype in (torch.bfloat16, torch.float32):
+        blocks = [torch.full_like(conv.weight, float("nan"), dtype=dtype) for _ in range(64)]
+        keep += blocks[1::2]  # every other one stays, so the freed holes keep their size
+        del blocks
+    y.backward(grad.bfloat16())
+    expected = torch.ops.aten.convolution_backward(
+        grad.bfloat16().float(), x, conv.weight, [32], [1] * 3, [1] * 3, [1] * 3, False,
+        [0] * 3, 1, [False, True, False])[1]
+    # bfloat16 inputs (8 significant bits) put each sum off by about 1% of the largest.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(conv.weight.grad, expected, rtol=0, atol=2**-5 * scale)
+
+
+def test_only_low_precision_volumes_shallower_than_the_kernel_go_to_float32():
+    unsafe = convolutions._bf16_weight_gradient_is_unsafe
+    weight3, weight2 = torch.zeros(8, 4, 3, 3, 3, requires_grad=True), torch.zeros(
+        8, 4, 2, 2, 2, requires_grad=True)
+    shallow, deep = torch.zeros(1, 4, 2, 8, 8), torch.zeros(1, 4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert unsafe(shallow, weight3)
+        assert unsafe(torch.zeros(1, 4, 1, 8, 8), weight2)  # the upsampling's 2-tap kernel
+        assert not unsafe(deep, weight3)
+        assert not unsafe(shallow, weight2)
+        with torch.no_grad():
+            assert not unsafe(shallow, weight3)
+    assert unsafe(shallow.bfloat16(), weight3)
+    assert not unsafe(shallow, weight3)  # float32: oneDNN writes every entry
+
+
 @pytest.mark.parametrize("shape", [(2, 6, 5, 7), (1, 4, 3, 5, 4), (2, 3, 2, 2, 2)])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_upsample_nearest_conv_is_upsample_then_convolve_with_its_gradients(shape,
