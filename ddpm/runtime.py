@@ -59,8 +59,11 @@ def reuse_freed_memory(device: torch.device | None = None) -> bool:
     tensor takes 3-4x as long as one into a reused buffer. With the mmap and trim thresholds
     raised, allocations up to 1 GiB come from the heap and freed memory stays there for the
     next step. The cost is a little peak resident memory, which the heap keeps as it grew:
-    +3-4% for the 3D benchmark model, about none for the 2D one (bench/README.md). Returns
-    whether the setting took (False for a GPU, or where the C library has no ``mallopt``).
+    +3-4% for the 3D benchmark model, about none for the 2D one (bench/README.md). A kernel
+    that reads memory it never wrote then sees old values rather than the kernel's zeros;
+    the one such case found (a oneDNN bf16 weight gradient) is avoided in
+    ``ddpm.convolutions``. Returns whether the setting took (False for a GPU, or where the C
+    library has no ``mallopt``).
     """
     if device is not None and device.type != "cpu":
         return False
