@@ -95,11 +95,11 @@ def _bf16_weight_gradient_is_unsafe(x: torch.Tensor, weight: torch.Tensor) -> bo
     CPU without AMX. The gradient then holds whatever the allocator's memory held before, NaN
     or silently wrong values (a test fills that memory with NaN to show it).
     """
+    if not (x.ndim == 5 and x.shape[2] < weight.shape[2] and x.device.type == "cpu"):
+        return False  # the usual case, decided before any autocast or grad-mode lookup
     low_precision = x.dtype in (torch.bfloat16, torch.float16) or (
         x.dtype == torch.float32 and torch.is_autocast_enabled("cpu"))
-    return (x.ndim == 5 and x.device.type == "cpu" and low_precision
-            and torch.is_grad_enabled() and weight.requires_grad
-            and x.shape[2] < weight.shape[2])
+    return low_precision and torch.is_grad_enabled() and weight.requires_grad
 
 
 def _conv3d_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
