@@ -73,11 +73,18 @@ def _stored_conv_inputs():
     return _setting(ddpm.unet.ResBlock, "forward", storing)
 
 
+def _conv3d_as_conv2d_off():
+    import ddpm.convolutions
+
+    return _setting(ddpm.convolutions, "_native_conv3d_is_slow", lambda x, conv: False)
+
+
 # Fast paths that --switch turns off: name -> a context manager factory.
 SWITCHES = {
     "winograd-upsampling-off": _winograd_upsampling_off,  # upsample_nearest_conv's direct form
     "winograd-off": _winograd_off,  # every convolution direct
     "stored-conv-inputs": _stored_conv_inputs,  # ResBlocks store their conv inputs
+    "conv3d-as-conv2d-off": _conv3d_as_conv2d_off,  # batch-1 3D levels on PyTorch's kernel
 }
 
 
