@@ -28,6 +28,8 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .winograd import reused_weight_transforms
+
 TIME_SCALE = 1000.0  # the UNet receives t = s * TIME_SCALE
 TIME_KINDS = ("uniform", "logit_normal")
 METHODS = ("euler", "heun")
@@ -108,6 +110,7 @@ def time_grid(steps: int, dtype=torch.float64, device=None) -> torch.Tensor:
 
 
 @torch.inference_mode()
+@reused_weight_transforms()  # the same weights at every step
 def flow_sample(
     velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     shape=None,

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedule import NoiseSchedule
+from .winograd import reused_weight_transforms
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -128,6 +129,7 @@ def guided(model: torch.nn.Module, scale: float = 0.0, null_token: int | None = 
 
 
 @torch.inference_mode()
+@reused_weight_transforms()  # the same weights at every step
 def sample(
     denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     schedule: NoiseSchedule,

@@ -99,6 +99,9 @@ MAX_BLOCKS_TIMES_CHANNELS = 2**17
 MIN_CHANNELS_UPSAMPLE = 128
 MAX_BLOCKS_TIMES_CHANNELS_UPSAMPLE = 2**14
 _enabled = True
+# id(weight) -> (weight, (its version, its storage), G g G^T) within
+# ``reused_weight_transforms``; else None
+_weight_cache: dict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] | None = None
 
 
 @contextlib.contextmanager
@@ -111,6 +114,24 @@ def winograd_enabled(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+@contextlib.contextmanager
+def reused_weight_transforms() -> Iterator[None]:
+    """Within the block, transform each weight parameter once and reuse the result for as
+    long as the parameter is unchanged (the same tensor at the same version; an in-place
+    update such as an optimiser or EMA step makes a new one): a sampler runs the same weights
+    at every step. The transformed weights, four times the size of the Winograd layers'
+    weights, are freed when the block ends. Nested blocks share the outermost one's cache.
+    ``ddpm.sampling.sample`` and ``ddpm.flow.flow_sample`` run in such a block."""
+    global _weight_cache
+    previous = _weight_cache
+    if previous is None:
+        _weight_cache = {}
+    try:
+        yield
+    finally:
+        _weight_cache = previous
 
 
 def winograd_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation,
@@ -208,11 +229,27 @@ def _padded_size(tiles: int, tiling: _Tiling) -> int:
 
 
 def _weight_transform(weight: torch.Tensor) -> torch.Tensor:
-    """G g G^T for every (C_out, C_in) kernel: (36, C_out, C_in).
+    """G g G^T for every (C_out, C_in) kernel: (36, C_out, C_in); from the cache of
+    ``reused_weight_transforms`` where that is on and ``weight`` is a parameter (a temporary
+    tensor's storage could be reused by the next one, and it changes at every call anyway).
 
     One matrix product reading the weight in its own layout: (36, 9) @ (9, C_out C_in), the
     second factor a transposed view. The matrix products that use it take it transposed too.
     """
+    cache = _weight_cache
+    if (cache is None or not isinstance(weight, torch.nn.Parameter)
+            or torch.is_inference(weight)):  # an inference tensor has no version counter
+        return _transform_weight(weight)
+    state = (weight._version, weight.data_ptr())  # ``.data =`` keeps the version
+    entry = cache.get(id(weight))
+    if entry is None or entry[0] is not weight or entry[1] != state:
+        entry = (weight, state, _transform_weight(weight))  # holding weight keeps its id unique
+        cache[id(weight)] = entry
+    return entry[2]
+
+
+def _transform_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``_weight_transform`` without the cache."""
     out_ch, in_ch = weight.shape[:2]
     taps = weight.reshape(out_ch * in_ch, 9).T
     return (_G_KRON.to(weight) @ taps).view(36, out_ch, in_ch)

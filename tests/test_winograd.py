@@ -308,3 +308,73 @@ def test_residual_convolutions_of_the_benchmark_2d_model_are_routed_by_width():
                 routes[conv.out_channels].add(winograd_pays_off(
                     x, conv.weight, conv.stride, conv.padding, conv.dilation, conv.groups))
     assert routes == {64: {False}, 128: {True, False}, 256: {True}}
+
+
+def counted_weight_transforms(monkeypatch) -> list:
+    """Record every weight transform actually computed (not taken from the cache)."""
+    calls, original = [], winograd._transform_weight
+    monkeypatch.setattr(winograd, "_transform_weight",
+                        lambda w: calls.append(w.shape) or original(w))
+    return calls
+
+
+def test_sampling_reuses_a_weight_transform_until_the_weight_changes(winograd_everywhere,
+                                                                       monkeypatch):
+    calls = counted_weight_transforms(monkeypatch)
+    torch.manual_seed(2)
+    conv = Conv2d(6, 4, 3, padding=1)
+    x = torch.randn(2, 6, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        uncached = conv(x)
+        with winograd.reused_weight_transforms():
+            assert torch.equal(conv(x), uncached) and torch.equal(conv(x), uncached)
+            assert len(calls) == 2  # the uncached call, then one for both cached ones
+            conv.weight.mul_(-1)  # an in-place change (an EMA update, say) bumps the version
+            changed = conv(x)
+            assert len(calls) == 3
+            assert_within_bound(changed, direct(x, conv.weight, conv.bias))
+        conv(x)  # outside the block: computed again, and nothing is kept
+        assert len(calls) == 4 and winograd._weight_cache is None
+
+
+def test_weight_transforms_are_cached_for_parameters_only(winograd_everywhere, monkeypatch):
+    calls = counted_weight_transforms(monkeypatch)
+    x, weight, bias = conv_inputs(2, 6, 4, 8, 8, dtype=torch.float32, bias=True)
+    parameter = torch.nn.Parameter(weight.detach().clone())
+    with torch.no_grad(), winograd.reused_weight_transforms():
+        plain = weight.detach().clone()  # a temporary: its storage could be reused
+        winograd_conv2d(x, plain, bias), winograd_conv2d(x, plain, bias)
+        assert len(calls) == 2
+        winograd_conv2d(x, parameter, bias), winograd_conv2d(x, parameter, bias)
+        assert len(calls) == 3
+
+
+def test_gradients_through_cached_weight_transforms_are_right(winograd_everywhere):
+    x, weight, bias = conv_inputs(2, 6, 4, 8, 8, dtype=torch.float64, bias=True)
+    parameter = torch.nn.Parameter(weight.detach().clone())
+    with winograd.reused_weight_transforms():
+        values_and_grads(winograd_conv2d, x, parameter, bias)  # fills the cache
+        with torch.no_grad():
+            parameter.mul_(0.5)  # an optimiser step: the cached transform is now stale
+        actual = values_and_grads(winograd_conv2d, x, parameter, bias)
+    expected = values_and_grads(direct, x, parameter, bias)
+    for name, a, e in zip(("output", "grad x", "grad weight", "grad bias"), actual, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_the_samplers_reuse_weight_transforms_across_steps(winograd_everywhere, monkeypatch):
+    from ddpm.flow import flow_sample
+    from ddpm.sampling import sample
+    from ddpm.schedule import NoiseSchedule
+
+    calls = counted_weight_transforms(monkeypatch)
+    torch.manual_seed(3)
+    conv = Conv2d(3, 3, 3, padding=1)
+
+    def denoiser(x, t):
+        return conv(x.contiguous(memory_format=torch.channels_last))
+
+    sample(denoiser, NoiseSchedule("cosine", 100), (2, 3, 8, 8), steps=4, progress=False)
+    assert len(calls) == 1
+    flow_sample(denoiser, (2, 3, 8, 8), steps=3, method="heun", progress=False)
+    assert len(calls) == 2
