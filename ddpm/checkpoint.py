@@ -3,12 +3,14 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so that it loads
 with ``torch.load(weights_only=True)``: a checkpoint from a stranger cannot execute code.
 It is written to a temporary file in the same folder and renamed into place, so a process
-killed mid-write leaves the previous checkpoint intact.
+killed mid-write leaves the previous checkpoint intact; the next save of the same checkpoint
+removes the temporary file such a process left behind.
 """
 
 from __future__ import annotations
 
 import ast
+import glob
 import os
 import random
 import tempfile
@@ -23,7 +25,12 @@ LAST, BEST = "last.pt", "best.pt"
 
 
 def save_checkpoint(state: dict, path) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file, fsync, rename); returns the path."""
+    """Write ``state`` to ``path`` atomically (temp file, fsync, rename); returns the path.
+
+    Then removes the temp files of ``path`` that an earlier writer, killed mid-write (which
+    no handler can catch), left behind. Only one process may write a given checkpoint, as in
+    training, where rank 0 alone saves.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {**state, "ddpm_version": ddpm.__version__}
@@ -37,6 +44,8 @@ def save_checkpoint(state: dict, path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     return path
 
 

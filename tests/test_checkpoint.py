@@ -29,6 +29,17 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_a_save_removes_the_temp_file_a_killed_writer_left(tmp_path):
+    """SIGKILL mid-write leaves the writer's temp file; the next save of that checkpoint
+    removes it, and leaves other checkpoints' files alone."""
+    stale = tmp_path / ".last.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".best.pt.w0rk1n.tmp"
+    other.write_bytes(b"another checkpoint's")
+    save_checkpoint(_state(), tmp_path / "last.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "last.pt"]
+
+
 def test_loading_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "payload": random.Random(0)}, path)
