@@ -79,12 +79,19 @@ def _conv3d_as_conv2d_off():
     return _setting(ddpm.convolutions, "_native_conv3d_is_slow", lambda x, conv: False)
 
 
+def _winograd_3d_route_off():
+    import ddpm.convolutions
+
+    return _setting(ddpm.convolutions, "_winograd_route_pays_off", lambda x, conv: False)
+
+
 # Fast paths that --switch turns off: name -> a context manager factory.
 SWITCHES = {
     "winograd-upsampling-off": _winograd_upsampling_off,  # upsample_nearest_conv's direct form
     "winograd-off": _winograd_off,  # every convolution direct
     "stored-conv-inputs": _stored_conv_inputs,  # ResBlocks store their conv inputs
     "conv3d-as-conv2d-off": _conv3d_as_conv2d_off,  # batch-1 3D levels on PyTorch's kernel
+    "winograd-3d-route-off": _winograd_3d_route_off,  # wide batch-1 3D layers on oneDNN
 }
 
 

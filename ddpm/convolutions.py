@@ -2,7 +2,8 @@
 
 - ``Conv2d``: wide float32 CPU 3x3 layers by Winograd's F(4x4, 3x3) (``ddpm.winograd``).
 - ``Conv3d``: batch-1 float32 CPU volumes, whose low-resolution levels PyTorch would send to
-  a slow kernel, as one 2D convolution over the depth slices (``conv3d_as_conv2d``).
+  a slow kernel or whose wide layers Winograd computes faster, as one 2D convolution over
+  the depth slices (``conv3d_as_conv2d``).
 - ``upsample_nearest_conv``: nearest-neighbour upsampling followed by a 3^d convolution,
   computed at the input resolution (wide 2D layers by Winograd as well).
 
@@ -39,17 +40,40 @@ def _below_onednn_threshold(x: torch.Tensor) -> bool:
     )
 
 
-def _native_conv3d_is_slow(x: torch.Tensor, conv: nn.Conv3d) -> bool:
-    """Whether this 3x3x3 convolution (the kind ``conv3d_as_conv2d`` computes) would take
-    PyTorch's slow kernel (see ``_below_onednn_threshold``)."""
+def _is_plain_3x3x3(conv: nn.Conv3d) -> bool:
+    """Whether ``conv`` is the kind of convolution ``conv3d_as_conv2d`` computes."""
     return (
-        _below_onednn_threshold(x)
-        and conv.kernel_size == (3, 3, 3)
+        conv.kernel_size == (3, 3, 3)
         and conv.stride == (1, 1, 1)
         and conv.padding == (1, 1, 1)
         and conv.dilation == (1, 1, 1)
         and conv.groups == 1
     )
+
+
+def _native_conv3d_is_slow(x: torch.Tensor, conv: nn.Conv3d) -> bool:
+    """Whether this 3x3x3 convolution (the kind ``conv3d_as_conv2d`` computes) would take
+    PyTorch's slow kernel (see ``_below_onednn_threshold``)."""
+    return _below_onednn_threshold(x) and _is_plain_3x3x3(conv)
+
+
+def _winograd_route_pays_off(x: torch.Tensor, conv: nn.Conv3d) -> bool:
+    """Whether ``conv3d_as_conv2d`` of this batch-1 channels-last volume would take Winograd
+    for its 2D convolution (``winograd_pays_off`` on the depth slices and the 3 C_out tap
+    channels), which then beats oneDNN's direct conv3d. On a 2-core AMD EPYC, forward +
+    backward, layer by layer (a one-off probe): 1.24-1.26x for 192 or 128 -> 64 channels at
+    24^3 and 1.21-1.37x for 384, 256 or 192 -> 128 at 12^3, the wide decoder layers of the 3D
+    benchmark model; the layers it turns down lost (96 or 64 -> 64 at 24^3: 0.83-0.85x).
+    The whole 3D training step: 1.02x (``python -m bench.ab --switch winograd-3d-route-off
+    --dims 3``).
+    """
+    if not (x.ndim == 5 and x.shape[0] == 1 and _is_plain_3x3x3(conv)
+            and x.is_contiguous(memory_format=torch.channels_last_3d)):
+        return False
+    n, c, d, h, w = x.shape
+    slices = x.movedim(2, 1).reshape(n * d, c, h, w)  # a view: x is channels-last
+    taps = torch.empty((3 * conv.out_channels, c, 3, 3), dtype=conv.weight.dtype, device="meta")
+    return winograd_pays_off(slices, taps, (1, 1), (1, 1), (1, 1), 1)
 
 
 def conv3d_as_conv2d(x: torch.Tensor, weight: torch.Tensor,
@@ -114,11 +138,13 @@ def _conv3d_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` that avoids PyTorch's slow float32 CPU kernel for batch-1 volumes, and
-    its unsafe bfloat16 weight gradient for volumes shallower than the kernel."""
+    """``nn.Conv3d`` that avoids PyTorch's slow float32 CPU kernel for batch-1 volumes, takes
+    Winograd through the 2D route where that pays off, and avoids PyTorch's unsafe bfloat16
+    weight gradient for volumes shallower than the kernel."""
 
     def _conv_forward(self, x, weight, bias):
-        if self.padding_mode == "zeros" and _native_conv3d_is_slow(x, self):
+        if self.padding_mode == "zeros" and (_native_conv3d_is_slow(x, self)
+                                             or _winograd_route_pays_off(x, self)):
             return conv3d_as_conv2d(x, weight, bias)
         if self.padding_mode == "zeros" and _bf16_weight_gradient_is_unsafe(x, weight):
             return _conv3d_in_float32(x, weight, bias, stride=self.stride, padding=self.padding,

@@ -235,10 +235,9 @@ def test_conv2d_module_routes_through_winograd_and_back(winograd_everywhere, mon
     assert calls == [1]
 
 
-def test_batch1_conv3d_takes_winograd_through_its_2d_route(winograd_everywhere, monkeypatch):
-    torch.manual_seed(1)
-    conv = Conv3d(8, 4, 3, padding=1)
-    x = torch.randn(1, 8, 6, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+def winograd_calls_of_conv3d(conv, x, monkeypatch) -> int:
+    """How many Winograd convolutions ``conv(x)`` ran; asserts that its output and every
+    gradient agree with ``F.conv3d`` within the float32 bound."""
     x.requires_grad_()
     calls = []
     original = winograd.winograd_conv2d
@@ -247,9 +246,27 @@ def test_batch1_conv3d_takes_winograd_through_its_2d_route(winograd_everywhere, 
     actual = values_and_grads(lambda *a: conv(a[0]), x, conv.weight, conv.bias)
     expected = values_and_grads(lambda *a: F.conv3d(a[0], conv.weight, conv.bias, padding=1),
                                 x, conv.weight, conv.bias)
-    assert calls == [1]
     for name, a, e in zip(("output", "grad x", "grad weight", "grad bias"), actual, expected):
         assert_within_bound(a, e, name)
+    return len(calls)
+
+
+def test_batch1_conv3d_takes_winograd_through_its_2d_route(winograd_everywhere, monkeypatch):
+    torch.manual_seed(1)
+    conv = Conv3d(8, 4, 3, padding=1)
+    x = torch.randn(1, 8, 6, 8, 8).contiguous(memory_format=torch.channels_last_3d)
+    assert winograd_calls_of_conv3d(conv, x, monkeypatch) == 1
+
+
+@pytest.mark.parametrize("c_in, routed", [(128, True), (96, False)])
+def test_a_wide_batch1_conv3d_takes_winograd_through_its_2d_route(monkeypatch, c_in, routed):
+    """Above PyTorch's oneDNN threshold, with the real routing thresholds: the 2D route is
+    taken where its 2D convolution takes Winograd (C_in and 3 C_out at least 128), and then
+    computes what conv3d computes."""
+    torch.manual_seed(4)
+    conv = Conv3d(c_in, 48, 3, padding=1)
+    x = torch.randn(1, c_in, 16, 16, 8).contiguous(memory_format=torch.channels_last_3d)
+    assert winograd_calls_of_conv3d(conv, x, monkeypatch) == int(routed)
 
 
 @pytest.mark.parametrize("dims", [2, 3])
