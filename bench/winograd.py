@@ -10,7 +10,10 @@ thresholds in ``ddpm/winograd.py`` come from.
 
 The upsampling form (``winograd_conv2d(..., upsample=True)``: the convolution of the
 nearest-neighbour doubled input) is measured against ``upsample_nearest_conv``'s direct form,
-the 2x2 convolution at the input's resolution that the UNet would use otherwise.
+the 2x2 convolution at the input's resolution that the UNet would use otherwise. Batch-1 3D
+layers computed as one 2D convolution over the depth slices (``conv3d_as_conv2d``, Winograd
+where routed) are measured against PyTorch's conv3d; "routed" there says whether ``Conv3d``
+takes that route.
 
     python -m bench.winograd
 """
@@ -27,7 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from bench._common import machine_info, setup_process, write_json_atomic
-from ddpm.convolutions import upsample_nearest_conv
+from ddpm.convolutions import (
+    Conv3d,
+    _winograd_route_pays_off,
+    conv3d_as_conv2d,
+    upsample_nearest_conv,
+)
 from ddpm.winograd import winograd_conv2d, winograd_enabled, winograd_pays_off
 
 RESULTS = Path(__file__).resolve().parent / "results" / "winograd.json"
@@ -46,6 +54,11 @@ UPSAMPLE_SHAPES = [
     (8, 128, 128, 16), (16, 256, 256, 16), (2, 256, 256, 16), (8, 256, 256, 32),
     (8, 64, 64, 32), (8, 256, 256, 8),
 ]
+
+# Batch-1 3D layers, (C_in, C_out, size): the 3D workload's wide decoder layers at 12^3 and
+# 24^3, and narrower ones the routing turns down.
+ROUTE_3D_SHAPES = [(256, 128, 12), (384, 128, 12), (192, 128, 12), (192, 64, 24),
+                   (128, 64, 24), (96, 64, 24), (64, 64, 24)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,20 +102,58 @@ def measure(shape, reps: int, upsample: bool = False) -> dict:
            "routed": winograd_pays_off(x, w, (1, 1), (1, 1), (1, 1), 1, upsample=upsample),
            "error_direct": relative_error(direct(), reference),
            "error_winograd": relative_error(winograd(), reference)}
+    row.update(alternated(direct, winograd, (x, w, b), grad, reps))
+    return row
+
+
+def alternated(direct, fast, inputs, grad, reps: int) -> dict:
+    """Speed-ups of ``fast`` over ``direct`` (both called without arguments), forward alone
+    and forward + backward into ``inputs``: median and range over ``reps`` alternations."""
+    result = {}
     for label, wrap in (("forward", lambda f: f),
-                        ("training", lambda f: lambda: torch.autograd.grad(f(), (x, w, b), grad))):
-        a, c = wrap(direct), wrap(winograd)
+                        ("training", lambda f: lambda: torch.autograd.grad(f(), inputs, grad))):
+        a, c = wrap(direct), wrap(fast)
         for _ in range(2):  # warm-up
             a(), c()
         speedups = []
         for rep in range(reps):
             first, second = (a, c) if rep % 2 == 0 else (c, a)
             t_first, t_second = seconds(first), seconds(second)
-            t_direct, t_winograd = (t_first, t_second) if first is a else (t_second, t_first)
-            speedups.append(t_direct / t_winograd)
-        row[label] = {"median": statistics.median(speedups), "min": min(speedups),
-                      "max": max(speedups)}
+            t_direct, t_fast = (t_first, t_second) if first is a else (t_second, t_first)
+            speedups.append(t_direct / t_fast)
+        result[label] = {"median": statistics.median(speedups), "min": min(speedups),
+                         "max": max(speedups)}
+    return result
+
+
+def measure_3d_route(shape, reps: int) -> dict:
+    """A batch-1 3x3x3 convolution by ``conv3d_as_conv2d`` (whose 2D convolution takes
+    Winograd where ``winograd_pays_off`` says so) against PyTorch's conv3d."""
+    c_in, c_out, size = shape
+    g = torch.Generator().manual_seed(0)
+    conv = Conv3d(c_in, c_out, 3, padding=1)
+    x = torch.randn(1, c_in, size, size, size, generator=g).contiguous(
+        memory_format=torch.channels_last_3d).requires_grad_()
+    w, b = conv.weight, conv.bias
+    grad = torch.randn(1, c_out, size, size, size, generator=g).contiguous(
+        memory_format=torch.channels_last_3d)
+    direct = lambda: F.conv3d(x, w, b, padding=1)  # noqa: E731
+    route = lambda: conv3d_as_conv2d(x, w, b)  # noqa: E731
+    reference = F.conv3d(x.double(), w.double(), b.double(), padding=1)
+    row = {"shape": list(shape), "routed": _winograd_route_pays_off(x, conv),
+           "error_direct": relative_error(direct(), reference),
+           "error_winograd": relative_error(route(), reference)}
+    row.update(alternated(direct, route, (x, w, b), grad, reps))
     return row
+
+
+def print_row(label: str, row: dict) -> None:
+    f, t = row["forward"], row["training"]
+    routed = "yes" if row["routed"] else "no"
+    print(f"{label}  {routed:>6}"
+          f"  {f['median']:.2f}x ({f['min']:.2f}-{f['max']:.2f})"
+          f"  {t['median']:.2f}x ({t['min']:.2f}-{t['max']:.2f})"
+          f"  {row['error_direct']:.1e} / {row['error_winograd']:.1e}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -119,13 +170,16 @@ def main(argv=None) -> int:
         row = measure(shape, args.reps, upsample)
         rows.append(row)
         n, c_in, c_out, size = shape
-        f, t = row["forward"], row["training"]
-        routed = "yes" if row["routed"] else "no"
-        print(f"{n:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^2  {routed:>6}"
-              f"  {f['median']:.2f}x ({f['min']:.2f}-{f['max']:.2f})"
-              f"  {t['median']:.2f}x ({t['min']:.2f}-{t['max']:.2f})"
-              f"  {row['error_direct']:.1e} / {row['error_winograd']:.1e}", flush=True)
-    write_json_atomic(args.out, {"machine": machine_info(), "reps": args.reps, "rows": rows})
+        print_row(f"{n:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^2", row)
+    print("3D, batch 1: conv3d_as_conv2d (Winograd where routed) against PyTorch's conv3d")
+    rows_3d = []
+    for shape in ROUTE_3D_SHAPES:
+        row = measure_3d_route(shape, args.reps)
+        rows_3d.append(row)
+        c_in, c_out, size = shape
+        print_row(f"{1:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^3", row)
+    write_json_atomic(args.out, {"machine": machine_info(), "reps": args.reps, "rows": rows,
+                                 "rows_3d_route": rows_3d})
     print(f"wrote {args.out}")
     return 0
 

@@ -65,15 +65,16 @@ def _winograd_route_pays_off(x: torch.Tensor, conv: nn.Conv3d) -> bool:
     for its 2D convolution (``winograd_pays_off`` on the depth slices and the 3 C_out tap
     channels), which then beats oneDNN's direct conv3d, and the volume is small.
 
-    On a 2-core AMD EPYC, forward + backward, layer by layer (a one-off probe): 1.21-1.37x
-    for 384, 256 or 192 -> 128 channels at 12^3 and 1.24-1.26x for 192 or 128 -> 64 at
-    24^3, the wide decoder layers of the 3D benchmark model; the layers the Winograd rule
-    turns down lost (96 or 64 -> 64 at 24^3: 0.83-0.85x). Only volumes whose tap outputs
-    (3 C_out D H W) fit in ``MAX_ROUTED_TAP_OUTPUTS`` are routed: the route's temporaries
-    (the taps, then Winograd's transformed tiles) are several times the layer's output, and
-    with the 24^3 layers routed too the model's peak RSS was 40 MiB higher in one
-    ``bench.peers`` run (1506 against 1466 MiB). Training speed against no routing
-    (``python -m bench.ab --switch winograd-3d-route-off --dims 3``): 1.02x either way.
+    On a 2-core AMD EPYC, forward + backward, layer by layer (``python -m bench.winograd``):
+    1.03-1.23x for 384, 256 or 192 -> 128 channels at 12^3 (forward alone 0.92-1.02x) and
+    1.15-1.39x for 192 or 128 -> 64 at 24^3, the wide decoder layers of the 3D benchmark
+    model; the layers the Winograd rule turns down lose (96 or 64 -> 64 at 24^3: 0.79-0.85x).
+    Only volumes whose tap outputs (3 C_out D H W) fit in ``MAX_ROUTED_TAP_OUTPUTS`` are
+    routed: the route's temporaries (the taps, then Winograd's transformed tiles) are several
+    times the layer's output, and with the 24^3 layers routed too the model's peak RSS was
+    40 MiB higher in one ``bench.peers`` run (1506 against 1466 MiB). Training speed against
+    no routing (``python -m bench.ab --switch winograd-3d-route-off --dims 3``): 1.02x either
+    way.
     """
     if not (x.ndim == 5 and x.shape[0] == 1 and _is_plain_3x3x3(conv)
             and 3 * conv.out_channels * x[0, 0].numel() <= MAX_ROUTED_TAP_OUTPUTS

@@ -241,10 +241,9 @@ def _weight_transform(weight: torch.Tensor) -> torch.Tensor:
             or torch.is_inference(weight)):  # an inference tensor has no version counter
         return _transform_weight(weight)
     state = (weight._version, weight.data_ptr())  # ``.data =`` keeps the version
-    entry = cache.get(id(weight))
-    if entry is None or entry[0] is not weight or entry[1] != state:
-        entry = (weight, state, _transform_weight(weight))  # holding weight keeps its id unique
-        cache[id(weight)] = entry
+    entry = cache.get(id(weight))  # each entry holds its weight, so no other object has its id
+    if entry is None or entry[1] != state:
+        entry = cache[id(weight)] = (weight, state, _transform_weight(weight))
     return entry[2]
 
 
