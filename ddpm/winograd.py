@@ -214,9 +214,9 @@ def _two_sided(m: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
     Two products with the small factor: M @ (q, q R), then M on each of the p rows. That is
     p q (p + q) multiply-adds per tile instead of the p^2 q^2 of one product with M kron M
-    (432 instead of 1296 for the 6x6 input tiles). On a 2-core AMD EPYC the two passes took
-    0.55x the time of the single product (1.1 vs 2.0 ms for 8 x 128 x 32^2), and a training
-    step of the 2D benchmark model 0.92x (bench/README.md).
+    (432 instead of 1296 for the 6x6 input tiles). On a 2-core AMD EPYC, whose matrix
+    products are slow, this took the Winograd layers of the benchmark models from 1.08-1.33x
+    to 1.40-1.55x the direct convolution's speed (``python -m bench.winograd``).
     """
     p, q = m.shape
     half = (m @ t.reshape(q, -1)).view(p, q, -1)  # sum over the tile's first axis
