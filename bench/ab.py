@@ -85,6 +85,12 @@ def _winograd_3d_route_off():
     return _setting(ddpm.convolutions, "_winograd_route_pays_off", lambda x, conv: False)
 
 
+def _winograd_axis_off():
+    import ddpm.convolutions
+
+    return _setting(ddpm.convolutions, "axis_winograd_pays_off", lambda *args: False)
+
+
 # Fast paths that --switch turns off: name -> a context manager factory.
 SWITCHES = {
     "winograd-upsampling-off": _winograd_upsampling_off,  # upsample_nearest_conv's direct form
@@ -92,6 +98,7 @@ SWITCHES = {
     "stored-conv-inputs": _stored_conv_inputs,  # ResBlocks store their conv inputs
     "conv3d-as-conv2d-off": _conv3d_as_conv2d_off,  # batch-1 3D levels on PyTorch's kernel
     "winograd-3d-route-off": _winograd_3d_route_off,  # wide batch-1 3D layers on oneDNN
+    "winograd-axis-off": _winograd_axis_off,  # no F(4, 3) along the depth axis
 }
 
 

@@ -13,7 +13,8 @@ nearest-neighbour doubled input) is measured against ``upsample_nearest_conv``'s
 the 2x2 convolution at the input's resolution that the UNet would use otherwise. Batch-1 3D
 layers computed as one 2D convolution over the depth slices (``conv3d_as_conv2d``, Winograd
 where routed) are measured against PyTorch's conv3d; "routed" there says whether ``Conv3d``
-takes that route.
+takes that route. F(4, 3) along the first spatial axis (``ddpm.winograd_axis``) is measured
+against what ``Conv2d``/``Conv3d`` compute without it; "routed" there says whether they take it.
 
     python -m bench.winograd
 """
@@ -21,6 +22,7 @@ takes that route.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import time
@@ -29,14 +31,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import ddpm.convolutions
 from bench._common import machine_info, setup_process, write_json_atomic
 from ddpm.convolutions import (
+    Conv2d,
     Conv3d,
     _winograd_route_pays_off,
     conv3d_as_conv2d,
     upsample_nearest_conv,
 )
 from ddpm.winograd import winograd_conv2d, winograd_enabled, winograd_pays_off
+from ddpm.winograd_axis import axis_winograd_conv, axis_winograd_pays_off
 
 RESULTS = Path(__file__).resolve().parent / "results" / "winograd.json"
 
@@ -59,6 +64,13 @@ UPSAMPLE_SHAPES = [
 # 24^3, and narrower ones the routing turns down.
 ROUTE_3D_SHAPES = [(256, 128, 12), (384, 128, 12), (192, 128, 12), (192, 64, 24),
                    (128, 64, 24), (96, 64, 24), (64, 64, 24)]
+
+# F(4, 3) along the first axis, (batch, C_in, C_out, size, dims): the 3D workload's levels 0
+# and 1 (48^3, 24^3), the 2D workload's level 0 (64^2), then shapes the rule turns down.
+AXIS_SHAPES = [(1, 32, 32, 48, 3), (1, 64, 32, 48, 3), (1, 96, 32, 48, 3), (1, 64, 64, 24, 3),
+               (1, 128, 64, 24, 3), (1, 32, 64, 24, 3), (8, 64, 64, 64, 2),
+               (8, 128, 64, 64, 2), (8, 192, 64, 64, 2),
+               (1, 16, 16, 48, 3), (1, 32, 32, 16, 3), (8, 64, 64, 32, 2)]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -147,6 +159,43 @@ def measure_3d_route(shape, reps: int) -> dict:
     return row
 
 
+@contextlib.contextmanager
+def axis_path_off():
+    """``Conv2d``/``Conv3d`` as they compute without ``ddpm.winograd_axis``."""
+    previous = ddpm.convolutions.axis_winograd_pays_off
+    ddpm.convolutions.axis_winograd_pays_off = lambda *args: False
+    try:
+        yield
+    finally:
+        ddpm.convolutions.axis_winograd_pays_off = previous
+
+
+def measure_axis(shape, reps: int) -> dict:
+    """``axis_winograd_conv`` against the module's convolution without it."""
+    n, c_in, c_out, size, dims = shape
+    g = torch.Generator().manual_seed(0)
+    conv = (Conv2d if dims == 2 else Conv3d)(c_in, c_out, 3, padding=1)
+    layout = torch.channels_last if dims == 2 else torch.channels_last_3d
+    x = torch.randn(n, c_in, *(size,) * dims, generator=g).contiguous(
+        memory_format=layout).requires_grad_()
+    w, b = conv.weight, conv.bias
+    grad = torch.randn(n, c_out, *(size,) * dims, generator=g).contiguous(memory_format=layout)
+
+    def without():
+        with axis_path_off():
+            return conv(x)
+
+    axis = lambda: axis_winograd_conv(x, w, b)  # noqa: E731
+    direct = F.conv2d if dims == 2 else F.conv3d
+    reference = direct(x.double(), w.double(), b.double(), padding=1)
+    row = {"shape": list(shape),
+           "routed": axis_winograd_pays_off(x, w, conv.stride, conv.padding, conv.dilation, 1),
+           "error_direct": relative_error(without(), reference),
+           "error_winograd": relative_error(axis(), reference)}
+    row.update(alternated(without, axis, (x, w, b), grad, reps))
+    return row
+
+
 def print_row(label: str, row: dict) -> None:
     f, t = row["forward"], row["training"]
     routed = "yes" if row["routed"] else "no"
@@ -178,8 +227,15 @@ def main(argv=None) -> int:
         rows_3d.append(row)
         c_in, c_out, size = shape
         print_row(f"{1:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^3", row)
+    print("F(4, 3) along the first axis (ddpm.winograd_axis) against Conv2d/Conv3d without it")
+    rows_axis = []
+    for shape in AXIS_SHAPES:
+        row = measure_axis(shape, args.reps)
+        rows_axis.append(row)
+        n, c_in, c_out, size, dims = shape
+        print_row(f"{n:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^{dims}", row)
     write_json_atomic(args.out, {"machine": machine_info(), "reps": args.reps, "rows": rows,
-                                 "rows_3d_route": rows_3d})
+                                 "rows_3d_route": rows_3d, "rows_axis": rows_axis})
     print(f"wrote {args.out}")
     return 0
 

@@ -1,9 +1,10 @@
 """The UNet's convolutions, each computing what its PyTorch counterpart computes, faster.
 
 - ``Conv2d``: wide float32 CPU 3x3 layers by Winograd's F(4x4, 3x3) (``ddpm.winograd``).
-- ``Conv3d``: batch-1 float32 CPU volumes, whose low-resolution levels PyTorch would send to
-  a slow kernel or whose wide layers Winograd computes faster, as one 2D convolution over
-  the depth slices (``conv3d_as_conv2d``).
+- ``Conv3d``: float32 CPU volumes by F(4, 3) along the depth axis (``ddpm.winograd_axis``);
+  batch-1 volumes whose low-resolution levels PyTorch would send to a slow kernel or whose
+  wide layers Winograd computes faster, as one 2D convolution over the depth slices
+  (``conv3d_as_conv2d``).
 - ``upsample_nearest_conv``: nearest-neighbour upsampling followed by a 3^d convolution,
   computed at the input resolution (wide 2D layers by Winograd as well).
 
@@ -18,6 +19,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ddpm.winograd import conv2d_3x3, winograd_conv2d, winograd_pays_off
+from ddpm.winograd_axis import axis_winograd_conv, axis_winograd_pays_off
 
 CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}  # per spatial dims
 
@@ -119,6 +121,9 @@ class Conv2d(nn.Conv2d):
         if self.padding_mode == "zeros" and winograd_pays_off(
                 x, weight, self.stride, self.padding, self.dilation, self.groups):
             return winograd_conv2d(x, weight, bias)
+        if self.padding_mode == "zeros" and axis_winograd_pays_off(
+                x, weight, self.stride, self.padding, self.dilation, self.groups):
+            return axis_winograd_conv(x, weight, bias)
         return super()._conv_forward(x, weight, bias)
 
 
@@ -148,13 +153,18 @@ def _conv3d_in_float32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` that avoids PyTorch's slow float32 CPU kernel for batch-1 volumes, takes
-    Winograd through the 2D route where that pays off, and avoids PyTorch's unsafe bfloat16
+    """``nn.Conv3d`` that takes Winograd through the 2D route or along the depth axis
+    (``ddpm.winograd_axis``) where that pays off, avoids PyTorch's slow float32 CPU kernel
+    for batch-1 volumes, and avoids PyTorch's unsafe bfloat16
     weight gradient for volumes shallower than the kernel."""
 
     def _conv_forward(self, x, weight, bias):
-        if self.padding_mode == "zeros" and (_native_conv3d_is_slow(x, self)
-                                             or _winograd_route_pays_off(x, self)):
+        if self.padding_mode == "zeros" and _winograd_route_pays_off(x, self):
+            return conv3d_as_conv2d(x, weight, bias)
+        if self.padding_mode == "zeros" and axis_winograd_pays_off(
+                x, weight, self.stride, self.padding, self.dilation, self.groups):
+            return axis_winograd_conv(x, weight, bias)
+        if self.padding_mode == "zeros" and _native_conv3d_is_slow(x, self):
             return conv3d_as_conv2d(x, weight, bias)
         if self.padding_mode == "zeros" and _bf16_weight_gradient_is_unsafe(x, weight):
             return _conv3d_in_float32(x, weight, bias, stride=self.stride, padding=self.padding,

@@ -106,14 +106,20 @@ _weight_cache: dict[int, tuple[torch.Tensor, tuple[int, int], torch.Tensor]] | N
 
 @contextlib.contextmanager
 def winograd_enabled(enabled: bool) -> Iterator[None]:
-    """Within the block, let ``winograd_pays_off`` choose this path (True, the default) or
-    keep every convolution direct (False), e.g. to reproduce direct-convolution rounding."""
+    """Within the block, let ``winograd_pays_off`` (and ``ddpm.winograd_axis``'s rule) choose
+    Winograd (True, the default) or keep every convolution direct (False), e.g. to reproduce
+    direct-convolution rounding."""
     global _enabled
     previous, _enabled = _enabled, enabled
     try:
         yield
     finally:
         _enabled = previous
+
+
+def winograd_is_enabled() -> bool:
+    """Whether Winograd paths may be chosen (``winograd_enabled``)."""
+    return _enabled
 
 
 @contextlib.contextmanager
