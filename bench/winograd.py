@@ -22,7 +22,6 @@ against what ``Conv2d``/``Conv3d`` compute without it; "routed" there says wheth
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import statistics
 import time
@@ -31,8 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import ddpm.convolutions
 from bench._common import machine_info, setup_process, write_json_atomic
+from bench.ab import SWITCHES
 from ddpm.convolutions import (
     Conv2d,
     Conv3d,
@@ -159,17 +158,6 @@ def measure_3d_route(shape, reps: int) -> dict:
     return row
 
 
-@contextlib.contextmanager
-def axis_path_off():
-    """``Conv2d``/``Conv3d`` as they compute without ``ddpm.winograd_axis``."""
-    previous = ddpm.convolutions.axis_winograd_pays_off
-    ddpm.convolutions.axis_winograd_pays_off = lambda *args: False
-    try:
-        yield
-    finally:
-        ddpm.convolutions.axis_winograd_pays_off = previous
-
-
 def measure_axis(shape, reps: int) -> dict:
     """``axis_winograd_conv`` against the module's convolution without it."""
     n, c_in, c_out, size, dims = shape
@@ -182,7 +170,7 @@ def measure_axis(shape, reps: int) -> dict:
     grad = torch.randn(n, c_out, *(size,) * dims, generator=g).contiguous(memory_format=layout)
 
     def without():
-        with axis_path_off():
+        with SWITCHES["winograd-axis-off"]():
             return conv(x)
 
     axis = lambda: axis_winograd_conv(x, w, b)  # noqa: E731
@@ -205,6 +193,17 @@ def print_row(label: str, row: dict) -> None:
           f"  {row['error_direct']:.1e} / {row['error_winograd']:.1e}", flush=True)
 
 
+def table(title: str, shapes, measure_one) -> list[dict]:
+    """Print ``title``, then one row per (batch, C_in, C_out, size, dims) shape."""
+    print(title)
+    rows = []
+    for shape in shapes:
+        rows.append(measure_one(shape))
+        n, c_in, c_out, size, dims = shape
+        print_row(f"{n:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^{dims}", rows[-1])
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_process()
@@ -220,20 +219,11 @@ def main(argv=None) -> int:
         rows.append(row)
         n, c_in, c_out, size = shape
         print_row(f"{n:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^2", row)
-    print("3D, batch 1: conv3d_as_conv2d (Winograd where routed) against PyTorch's conv3d")
-    rows_3d = []
-    for shape in ROUTE_3D_SHAPES:
-        row = measure_3d_route(shape, args.reps)
-        rows_3d.append(row)
-        c_in, c_out, size = shape
-        print_row(f"{1:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^3", row)
-    print("F(4, 3) along the first axis (ddpm.winograd_axis) against Conv2d/Conv3d without it")
-    rows_axis = []
-    for shape in AXIS_SHAPES:
-        row = measure_axis(shape, args.reps)
-        rows_axis.append(row)
-        n, c_in, c_out, size, dims = shape
-        print_row(f"{n:>6} x {c_in:>3} -> {c_out:>3} x {size:>3}^{dims}", row)
+    rows_3d = table("3D, batch 1: conv3d_as_conv2d (Winograd where routed) against PyTorch's "
+                    "conv3d", [(1, *shape, 3) for shape in ROUTE_3D_SHAPES],
+                    lambda shape: measure_3d_route(shape[1:4], args.reps))
+    rows_axis = table("F(4, 3) along the first axis (ddpm.winograd_axis) against Conv2d/Conv3d "
+                      "without it", AXIS_SHAPES, lambda shape: measure_axis(shape, args.reps))
     write_json_atomic(args.out, {"machine": machine_info(), "reps": args.reps, "rows": rows,
                                  "rows_3d_route": rows_3d, "rows_axis": rows_axis})
     print(f"wrote {args.out}")
