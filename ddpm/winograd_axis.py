@@ -13,11 +13,15 @@ oneDNN's own speed. The transforms B^T, A^T are a few elementwise passes over th
 
 Unlike F(4x4, 3x3), whose 36 matrix products need wide layers to pay for their transforms,
 this keeps oneDNN's kernels, so it pays off for the narrow, high-resolution layers too; the
-rounding is about the same (relative errors of a few 1e-6 in float32).
+rounding is about the same (relative errors of a few 1e-6 in float32). The rows are read and
+written where they lie (a tile's row outside the image reads as zero), so besides chunk-sized
+temporaries it holds no more memory than the direct convolution: no padded copy of the input,
+the output or the input's gradient.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -34,11 +38,12 @@ from ddpm.winograd import _A_T, _B_T, _G, winograd_is_enabled
 MAX_CHUNK_ELEMENTS = 2**22
 # Where this path beats what ``Conv2d``/``Conv3d`` compute otherwise (oneDNN's direct
 # convolution, or ``conv3d_as_conv2d``), forward + backward, float32, channels-last, on a
-# 2-core AVX-512 CPU (one-off probes; ``python -m bench.winograd`` has the table): volumes of
-# 32 to 128 channels at 24^3 to 48^3, 1.25-1.5x; 8 images of 64 to 192 channels at 64^2,
-# 1.1-1.2x (a 1 x 3 inner convolution leaves less work to halve). It loses where the
-# transforms and the fixed cost of its ~60 operations outweigh the halved multiply-adds: 16
-# channels (0.9x at 48^3), 32 channels at 16^3 (0.8x), 64 channels at 32^2 (0.95x).
+# 2-core AVX-512 CPU (``python -m bench.winograd``, bench/README.md): volumes of 32 to 128
+# channels at 24^3 to 48^3, 1.25-1.5x; 8 images of 64 to 192 channels at 64^2, 1.13-1.14x
+# (a 1 x 3 inner convolution leaves less work to halve). Below the thresholds the transforms
+# and the fixed cost of its ~60 operations take most or all of the gain: 16 channels at 48^3
+# and 32 channels at 16^3 gave 1.05x and 1.03x there and 0.9x and 0.8x in the probes that set
+# the rule; 64 channels at 32^2, 0.95x in both.
 _CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
 MIN_CHANNELS = {2: 64, 3: 32}  # per spatial dims
 MIN_WORK = {2: 2**27, 3: 2**23}  # C_in x C_out x pixels or voxels (all images)
@@ -91,47 +96,89 @@ def axis_winograd_pays_off(x: torch.Tensor, weight: torch.Tensor, stride, paddin
 _POINT_PAIRS = ((1, 2), (3, 4))
 
 
-def _combine(matrix: list[list[float]], sources: list[torch.Tensor],
-             targets: list[torch.Tensor], accumulate: bool = False,
+@dataclasses.dataclass(frozen=True)
+class _Span:
+    """The tiles ``start`` ... ``start + tensor.shape[1] - 1`` of a chunk: one row per tile,
+    ``tensor`` (N, tiles, *inner, C). A tile's row that falls outside the image has no span
+    entry: it reads as zero and is dropped when written."""
+
+    tensor: torch.Tensor
+    start: int = 0
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.tensor.shape[1]
+
+    def window(self, start: int, stop: int) -> torch.Tensor:
+        """Its tiles ``start`` ... ``stop - 1`` (chunk numbering)."""
+        return self.tensor[:, start - self.start:stop - self.start]
+
+
+def _row_span(rows: torch.Tensor, offset: int, tiles: slice) -> _Span | None:
+    """Rows 4 t + ``offset`` of ``rows`` (N, S_1, *inner, C) for the tiles t in ``tiles`` whose
+    row lies in the image, as a span of the chunk; None where no tile's does."""
+    first = max(tiles.start, -(offset // 4))  # 4 t + offset >= 0
+    stop = min(tiles.stop, (rows.shape[1] - 1 - offset) // 4 + 1)  # 4 t + offset < S_1
+    if stop <= first:
+        return None
+    view = rows[:, 4 * first + offset:4 * (stop - 1) + offset + 1:4]
+    return _Span(view, first - tiles.start)
+
+
+def _combine(matrix: list[list[float]], sources: list[_Span | None],
+             targets: list[_Span | None], accumulate: bool = False,
              point_rows: bool = False) -> None:
-    """targets[i] (+)= sum_k matrix[i, k] sources[k], in elementwise passes.
+    """targets[i] (+)= sum_k matrix[i, k] sources[k], in elementwise passes, over the tiles of
+    each target (a missing source reads as zero; a missing target is skipped).
 
     With ``point_rows`` (B^T, A: a row per interpolation point), the two rows of a point pair
     (``_POINT_PAIRS``) are E + O and E - O: their even part E and odd part O are computed
-    once each, as in Lavin & Gray's transforms.
+    once each, as in Lavin & Gray's transforms (for targets over the same tiles).
     """
     done = set()
     for i, j in _POINT_PAIRS if point_rows and not accumulate else ():
         a, b = matrix[i], matrix[j]
         even = [x if x == y else 0 for x, y in zip(a, b)]
         odd = [x if x == -y else 0 for x, y in zip(a, b)]
-        if any(even) and any(odd) and all(x in (y, -y) for x, y in zip(a, b)):
+        if (any(even) and any(odd) and all(x in (y, -y) for x, y in zip(a, b))
+                and targets[i] is not None and targets[j] is not None
+                and (targets[i].start, targets[i].stop) == (targets[j].start, targets[j].stop)):
             _combine_row(even, sources, targets[i])
             _combine_row(odd, sources, targets[j])
-            targets[i].add_(targets[j])  # E + O
-            torch.add(targets[i], targets[j], alpha=-2, out=targets[j])  # E - O
+            ti, tj = targets[i].tensor, targets[j].tensor
+            ti.add_(tj)  # E + O
+            torch.add(ti, tj, alpha=-2, out=tj)  # E - O
             done |= {i, j}
     for i, (row, target) in enumerate(zip(matrix, targets)):
-        if i not in done:
+        if i not in done and target is not None:
             _combine_row(row, sources, target, accumulate)
 
 
-def _combine_row(row: list[float], sources: list[torch.Tensor], target: torch.Tensor,
+def _combine_row(row: list[float], sources: list[_Span | None], target: _Span,
                  accumulate: bool = False) -> None:
-    """target (+)= sum_k row[k] sources[k], one pass per nonzero; a row with a coefficient 1
-    starts with ``add(that source, another, alpha=...)``, saving a separate scaling pass."""
-    terms = [(c, s) for c, s in zip(row, sources) if c != 0]
+    """target (+)= sum_k row[k] sources[k] over the target's tiles, one pass per nonzero; a
+    row with a coefficient 1 starts with ``add(that source, another, alpha=...)``, saving a
+    separate scaling pass. The first pass writes the whole target, so it takes sources that
+    cover it; the others add over the tiles they share with it."""
+    lo, hi = target.start, target.stop
+    terms = [(c, s) for c, s in zip(row, sources)
+             if c != 0 and s is not None and s.start < hi and s.stop > lo]
     if not accumulate:
-        unit = next((i for i, (c, _) in enumerate(terms) if c == 1), None)
-        if unit is not None and len(terms) > 1:
-            _, first = terms.pop(unit)
-            c, second = terms.pop(0)
-            torch.add(first, second, alpha=c, out=target)
+        covering = [i for i, (_, s) in enumerate(terms) if s.start <= lo and s.stop >= hi]
+        unit = next((i for i in covering if terms[i][0] == 1), None)
+        if unit is not None and len(covering) > 1:
+            second = next(i for i in covering if i != unit)
+            (_, first), (c, other) = terms[unit], terms[second]
+            torch.add(first.window(lo, hi), other.window(lo, hi), alpha=c, out=target.tensor)
+            terms = [t for i, t in enumerate(terms) if i not in (unit, second)]
+        elif covering:
+            c, first = terms.pop(covering[0])
+            torch.mul(first.window(lo, hi), c, out=target.tensor)
         else:
-            c, first = terms.pop(0)
-            torch.mul(first, c, out=target)
+            target.tensor.zero_()
     for c, s in terms:
-        target.add_(s, alpha=c)
+        start, stop = max(lo, s.start), min(hi, s.stop)
+        target.window(start, stop).add_(s.window(start, stop), alpha=c)
 
 
 def _pair_sources(matrix: torch.Tensor, sources: list[torch.Tensor]) -> list[list[float]]:
@@ -173,12 +220,6 @@ def _tap_transform(weight: torch.Tensor) -> torch.Tensor:
     return kernels if weight.ndim == 5 else kernels.unsqueeze(3)
 
 
-def _tile_rows(padded: torch.Tensor, tiles: slice) -> list[torch.Tensor]:
-    """The six input rows of each tile in ``tiles``: views (N, tiles, *inner, C) of the
-    padded rows (N, 4 T + 2, *inner, C), row k of tile t being padded row 4 t + k."""
-    return [padded[:, 4 * tiles.start + k:4 * tiles.stop + k:4] for k in range(6)]
-
-
 def _chunks(tiles: int, row_elements: int) -> list[slice]:
     """The tiles in about equal slices of at most ``MAX_CHUNK_ELEMENTS`` transformed-row
     elements (six rows per tile, at least one tile)."""
@@ -188,33 +229,42 @@ def _chunks(tiles: int, row_elements: int) -> list[slice]:
     return [slice(start, min(start + size, tiles)) for start in range(0, tiles, size)]
 
 
-def _input_transform(padded: torch.Tensor, tiles: slice) -> torch.Tensor:
-    """B^T d for the tiles: (6, N, tiles, *inner, C), contiguous."""
-    n, _, *inner, c = padded.shape
-    u = padded.new_empty((6, n, tiles.stop - tiles.start, *inner, c))
-    _combine(_B_T.tolist(), _tile_rows(padded, tiles), list(u), point_rows=True)
+def _input_transform(rows: torch.Tensor, tiles: slice) -> torch.Tensor:
+    """B^T d for the tiles: (6, N, tiles, *inner, C), contiguous. Row k of tile t is the
+    input's row 4 t + k - 1, read in place (zero where that is outside the input)."""
+    n, _, *inner, c = rows.shape
+    u = rows.new_empty((6, n, tiles.stop - tiles.start, *inner, c))
+    sources = [_row_span(rows, k - 1, tiles) for k in range(6)]
+    _combine(_B_T.tolist(), sources, [_Span(t) for t in u], point_rows=True)
     return u
 
 
-def _overlap_add(grad_u: list[torch.Tensor], grad_padded: torch.Tensor, tiles: slice) -> None:
-    """Add B dU, the gradient of the tiles' six input rows, into the padded rows' gradient
-    (N, 4 T + 4, *inner, C): rows 0-3 of tile t are padded rows 4 t ... 4 t + 3, which no
-    other tile reads; its rows 4, 5 are the next tile's rows 0, 1. Chunks come in order, so
-    the rows of ``tiles`` are written here first, except the first tile's rows 0, 1, which
-    the previous chunk's last tile already added to. ``grad_padded`` has two spare rows at
-    the end (4 T + 4 rows).
+def _overlap_add(grad_u: list[torch.Tensor], grad_rows: torch.Tensor, tiles: slice) -> None:
+    """Add B dU, the gradient of the tiles' six input rows, into the input's gradient rows
+    ``grad_rows`` (N, S_1, *inner, C): row k of tile t is input row 4 t + k - 1. Rows 0-3 of
+    a tile ("its own") are read by no other tile; rows 4, 5 are the next tile's rows 0, 1
+    (the last tile's row 4 is the input's last row when S_1 = 4 T, read by no other tile).
+    Chunks come in order, so the own rows of ``tiles`` are written here first, except the
+    first tile's rows 0, 1, which the previous chunk's last tile already added to.
     """
-    n, k, *inner, c = grad_u[0].shape
-    first, stop = 4 * tiles.start, 4 * tiles.stop
-    carried = grad_padded[:, first:first + 2].clone() if tiles.start > 0 else None
+    first, stop = tiles.start, tiles.stop
+    carried = None
+    if first > 0:  # input rows 4 first - 1 and 4 first, which exist for any tile after the first
+        carried = grad_rows[:, 4 * first - 1:4 * first + 1].clone()
     b = _pair_sources(_B_T.T, grad_u)
-    own = grad_padded[:, first:stop].view(n, k, 4, *inner, c).unbind(2)
-    _combine(b[:4], grad_u, list(own))
+    sources = [_Span(g) for g in grad_u]
+    _combine(b[:4], sources, [_row_span(grad_rows, k - 1, tiles) for k in range(4)])
     if carried is not None:
-        grad_padded[:, first:first + 2] += carried
-    grad_padded[:, stop:stop + 2].zero_()  # the next tile's rows 0, 1: not yet written
-    following = grad_padded[:, first + 4:stop + 4].view(n, k, 4, *inner, c).unbind(2)
-    _combine(b[4:], grad_u, list(following[:2]), accumulate=True)
+        grad_rows[:, 4 * first - 1:4 * first + 1] += carried
+    following = [_row_span(grad_rows, k - 1, slice(first + 1, stop + 1)) for k in range(2)]
+    # the first of them not yet written: the next chunk's first own rows, or the input's last
+    # row after the last tile
+    next_rows = slice(stop, stop + 1)
+    for k in range(2):
+        row = _row_span(grad_rows, k - 1, next_rows)
+        if row is not None:
+            row.tensor.zero_()
+    _combine(b[4:], sources, following, accumulate=True)
 
 
 class _AxisWinograd(torch.autograd.Function):
@@ -232,25 +282,22 @@ class _AxisWinograd(torch.autograd.Function):
         out_ch = weight.shape[0]
         tiles = math.ceil(length / 4)
         rows = x.movedim(1, -1)  # (N, S_1, *inner, C): a view of channels-last x
-        pad = (0, 0) * dims + (1, 4 * tiles + 1 - length)
-        padded = F.pad(rows, pad)  # (N, 4 T + 2, *inner, C), rows -1 ... 4 T of x
         kernels = _tap_transform(weight)
-        memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
-        out = torch.empty((n, out_ch, 4 * tiles, *inner), dtype=x.dtype, device=x.device,
-                          memory_format=memory_format)
-        out_rows = out.movedim(1, -1).view(n, tiles, 4, *inner, out_ch)
+        out = torch.empty((n, out_ch, length, *inner), dtype=x.dtype, device=x.device,
+                          memory_format=_CHANNELS_LAST[dims])
+        out_rows = out.movedim(1, -1)
         for chunk in _chunks(tiles, n * math.prod(inner) * max(x.shape[1], out_ch)):
-            u = _input_transform(padded, chunk)
+            u = _input_transform(rows, chunk)
             m = [F.conv2d(_images(u[p]), kernels[p], bias if p == 1 else None,
                           padding=_inner_padding(dims)) for p in range(6)]
             del u  # the bias rides on M_1: A^T's column 1 is all ones
-            m = [mp.permute(0, 2, 3, 1).reshape(out_rows[:, chunk, 0].shape) for mp in m]
-            _combine(_pair_sources(_A_T, m), m, list(out_rows[:, chunk].unbind(2)))
+            m = [mp.permute(0, 2, 3, 1).reshape(_row_shape(n, chunk, inner, out_ch)) for mp in m]
+            # output row j of tile t is row 4 t + j, where that is in the image
+            _combine(_pair_sources(_A_T, m), [_Span(mp) for mp in m],
+                     [_row_span(out_rows, j, chunk) for j in range(4)])
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        if 4 * tiles == length:
-            return out
-        return out[:, :, :length].contiguous(memory_format=memory_format)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -262,28 +309,23 @@ class _AxisWinograd(torch.autograd.Function):
         tiles = math.ceil(length / 4)
         need_x, need_weight, need_bias = ctx.needs_input_grad
         need_bias = need_bias and ctx.has_bias
-        grad_rows = grad_y.movedim(1, -1)
-        if 4 * tiles != length:  # F.pad copies even when it pads nothing
-            grad_rows = F.pad(grad_rows, (0, 0) * dims + (0, 4 * tiles - length))
-        grad_rows = grad_rows.reshape(n, tiles, 4, *inner, out_ch)  # (N, T, 4, *inner, C_out)
-        padded = None
-        if need_weight:
-            padded = F.pad(x.movedim(1, -1), (0, 0) * dims + (1, 4 * tiles + 1 - length))
+        layout = _CHANNELS_LAST[dims]
+        grad_rows = grad_y.contiguous(memory_format=layout).movedim(1, -1)
+        rows = x.movedim(1, -1)
         kernels = _tap_transform(weight)
-        # two rows more than the padded input's, so that the last tile's next rows are a view
-        grad_padded = x.new_empty((n, 4 * tiles + 4, *inner, in_ch)) if need_x else None
+        grad_x = torch.empty_like(x, memory_format=layout) if need_x else None
         grad_kernels = kernels.new_zeros(kernels.shape) if need_weight else None
         grad_bias = grad_y.new_zeros(out_ch) if need_bias else None
         padding = list(_inner_padding(dims))
         for chunk in _chunks(tiles, n * math.prod(inner) * max(in_ch, out_ch)):
-            k = chunk.stop - chunk.start
-            grad_m = grad_rows.new_empty((6, n, k, *inner, out_ch))
-            _combine(_A_T.T.tolist(), list(grad_rows[:, chunk].unbind(2)), list(grad_m),
-                     point_rows=True)
+            grad_m = grad_rows.new_empty((6, *_row_shape(n, chunk, inner, out_ch)))
+            _combine(_A_T.T.tolist(), [_row_span(grad_rows, j, chunk) for j in range(4)],
+                     [_Span(g) for g in grad_m], point_rows=True)
             if need_weight:
-                u = _input_transform(padded, chunk)
+                u = _input_transform(rows, chunk)
             else:  # the backward pass only reads the input's shape
-                u = grad_rows.new_empty((1, n, k, *inner, in_ch)).expand(6, *[-1] * (dims + 2))
+                u = grad_rows.new_empty((1, *_row_shape(n, chunk, inner, in_ch)))
+                u = u.expand(6, *[-1] * (dims + 2))
             grad_u = []
             for p in range(6):
                 with_bias = p == 1 and need_bias  # the bias rode on M_1
@@ -292,21 +334,23 @@ class _AxisWinograd(torch.autograd.Function):
                     [out_ch] if with_bias else None, [1, 1], padding, [1, 1], False, [0, 0],
                     1, [need_x, need_weight, with_bias])
                 if need_x:
-                    grad_u.append(gx.permute(0, 2, 3, 1).reshape(n, k, *inner, in_ch))
+                    grad_u.append(gx.permute(0, 2, 3, 1).reshape(_row_shape(n, chunk, inner,
+                                                                         in_ch)))
                 if need_weight:
                     grad_kernels[p] += gw
                 if with_bias:
                     grad_bias += gb
             del grad_m, u
             if need_x:
-                _overlap_add(grad_u, grad_padded, chunk)
-        grad_x = grad_weight = None
-        if need_x:
-            grad_x = grad_padded[:, 1:length + 1].movedim(-1, 1)
-            memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
-            grad_x = grad_x.contiguous(memory_format=memory_format)
+                _overlap_add(grad_u, grad_x.movedim(1, -1), chunk)
+        grad_weight = None
         if need_weight:
             taps = _G.T.to(grad_kernels) @ grad_kernels.reshape(6, -1)  # (3, C_out C_in ...)
             grad_weight = taps.view(3, *weight.shape[:2], *weight.shape[3:]).movedim(0, 2)
             grad_weight = grad_weight.contiguous()
         return grad_x, grad_weight, grad_bias
+
+
+def _row_shape(n: int, tiles: slice, inner: list[int], channels: int) -> tuple[int, ...]:
+    """The shape of one transformed row of the tiles: (N, tiles, *inner, C)."""
+    return (n, tiles.stop - tiles.start, *inner, channels)
