@@ -46,6 +46,13 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# The largest allocation ``reuse_freed_memory`` keeps in the heap. Every activation of the
+# benchmark models (at most about 40 MiB) fits, and they train as fast as with a 1 GiB limit; at
+# larger sizes the biggest tensors get fresh pages again, which keeps the heap's gaps small:
+# peak RSS 2058 against 2519 MiB for the 3D model at 64^3 and 2949 against 3249 MiB for the
+# 2D one at 128^2, at the same step times (alternated processes, one-off probes; bench/README).
+# 32 MiB gave up a tenth of the speed at those sizes.
+REUSED_ALLOCATION_BYTES = 64 << 20
 
 
 def reuse_freed_memory(device: torch.device | None = None) -> bool:
@@ -57,13 +64,12 @@ def reuse_freed_memory(device: torch.device | None = None) -> bool:
     kernel page by page on first touch: 40-60 thousand page faults and about 0.1 s of system
     time per step of the 2D benchmark model, and an out-of-place elementwise op on a 16 MiB
     tensor takes 3-4x as long as one into a reused buffer. With the mmap and trim thresholds
-    raised, allocations up to 1 GiB come from the heap and freed memory stays there for the
-    next step. The cost is a little peak resident memory, which the heap keeps as it grew:
-    +3-4% for the 3D benchmark model, about none for the 2D one (bench/README.md). A kernel
-    that reads memory it never wrote then sees old values rather than the kernel's zeros;
-    the one such case found (a oneDNN bf16 weight gradient) is avoided in
-    ``ddpm.convolutions``. Returns whether the setting took (False for a GPU, or where the C
-    library has no ``mallopt``).
+    raised, allocations up to ``REUSED_ALLOCATION_BYTES`` come from the heap and freed memory
+    stays there for the next step. The cost is peak resident memory, which the heap keeps as
+    it grew, gaps between its blocks included. A kernel that reads memory it never wrote then
+    sees old values rather than the kernel's zeros; the one such case found (a oneDNN bf16
+    weight gradient) is avoided in ``ddpm.convolutions``. Returns whether the setting took
+    (False for a GPU, or where the C library has no ``mallopt``).
     """
     if device is not None and device.type != "cpu":
         return False
@@ -71,7 +77,7 @@ def reuse_freed_memory(device: torch.device | None = None) -> bool:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
+    return bool(mallopt(_M_MMAP_THRESHOLD, REUSED_ALLOCATION_BYTES)) and bool(
         mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1))
 
 
