@@ -257,13 +257,9 @@ def _overlap_add(grad_u: list[torch.Tensor], grad_rows: torch.Tensor, tiles: sli
     if carried is not None:
         grad_rows[:, 4 * first - 1:4 * first + 1] += carried
     following = [_row_span(grad_rows, k - 1, slice(first + 1, stop + 1)) for k in range(2)]
-    # the first of them not yet written: the next chunk's first own rows, or the input's last
-    # row after the last tile
-    next_rows = slice(stop, stop + 1)
-    for k in range(2):
-        row = _row_span(grad_rows, k - 1, next_rows)
-        if row is not None:
-            row.tensor.zero_()
+    # the last tile's rows 4, 5 are not yet written: the next chunk's first own rows, or after
+    # the last tile the input's last row, where that exists (the slice stops at the input's end)
+    grad_rows[:, 4 * stop - 1:4 * stop + 1].zero_()
     _combine(b[4:], sources, following, accumulate=True)
 
 

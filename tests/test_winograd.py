@@ -65,8 +65,13 @@ def test_winograd_is_the_convolution_and_its_gradients_in_float64(size, channels
 
 @pytest.mark.parametrize("shape", [(2, 16, 24, 16, 16), (3, 8, 8, 9, 11)])
 def test_winograd_float32_error_is_within_the_stated_bound(shape):
-    x, weight, bias = conv_inputs(*shape, dtype=torch.float32)
-    actual = values_and_grads(winograd_conv2d, x, weight, bias)
+    assert_float32_within_bound(winograd_conv2d, direct,
+                                *conv_inputs(*shape, dtype=torch.float32))
+
+
+def assert_float32_within_bound(fast, direct, x, weight, bias):
+    """``fast``'s float32 output and gradients within the bound of the float64 ``direct``'s."""
+    actual = values_and_grads(fast, x, weight, bias)
     exact = values_and_grads(direct, *(t.detach().double().requires_grad_()
                                        for t in (x, weight, bias)))
     for name, a, e in zip(("output", "grad x", "grad weight", "grad bias"), actual, exact):
