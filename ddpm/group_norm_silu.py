@@ -181,10 +181,12 @@ def _slices(x: torch.Tensor):
     along the batch, or for one channels-last sample along dim 2 (its outermost spatial
     axis). Only the whole of x for one sample in the contiguous layout, whose slices would
     be strided, and under torch.compile, which plans its own buffers."""
+    if torch.compiler.is_compiling():  # first: a symbolic shape has no byte count to read
+        yield (slice(None),)
+        return
     pieces = -(-x.nbytes // _SLICE_BYTES)
     n = x.shape[0]
-    if (pieces == 1 or torch.compiler.is_compiling()
-            or (n == 1 and memory_format_of(x) == torch.contiguous_format)):
+    if pieces == 1 or (n == 1 and memory_format_of(x) == torch.contiguous_format):
         yield (slice(None),)
     elif n > 1:
         step = -(-n // min(pieces, n))

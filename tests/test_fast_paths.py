@@ -423,6 +423,23 @@ def test_unet_compiles_as_one_graph(dims, checkpointing):
     assert report.graph_break_count == 0, [str(b.reason)[:200] for b in report.break_reasons]
 
 
+@pytest.mark.parametrize("dims", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_unet_compiles_with_symbolic_shapes(dims):
+    """A compiled model that meets a second input size (or a second model of the same code in
+    one process) is traced again with symbolic sizes; forward and backward must still trace,
+    and compute what eager does. Dynamo's own "eager" backend traces the forward pass and each
+    custom autograd function's backward with fake tensors, as inductor's front end does,
+    without inductor's minute of C++ compilation."""
+    torch._dynamo.reset()
+    compiled = torch.compile(tiny_unet(dims), dynamic=True, backend="eager")
+    x, t, token = inputs(dims, size=12)
+    eager_out, eager_grads = output_and_grads(tiny_unet(dims), x, t, token)
+    out, grads = output_and_grads(compiled, x, t, token)
+    torch.testing.assert_close(out, eager_out, **FP32)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(grads[f"_orig_mod.{name}"], grad, **FP32, msg=name)
+
+
 @pytest.mark.slow
 def test_compiled_unet_computes_what_eager_computes():
     """torch.compile (inductor) may reorder and fuse float32 arithmetic, nothing more."""
