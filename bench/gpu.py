@@ -207,7 +207,9 @@ def prepare(job: Job, args) -> Prepared:
         reset_memory()
     model = build(job, w)
     result["params"] = parameter_count(model)
-    net = torch.compile(model, mode=args.compile_mode) if job.compile else model
+    # dynamic=False: each job is compiled for its own fixed sizes, as if alone in the process
+    # (the jobs share module code, whose second compilation would otherwise be symbolic)
+    net = torch.compile(model, mode=args.compile_mode, dynamic=False) if job.compile else model
     step = make_train_step(net, w, "bf16", device=DEVICE)
     result["warmup_s"] = synchronized_seconds(lambda: [step() for _ in range(args.warmup)])
     result["train_peak_gb"] = peak_memory_gb(resident)

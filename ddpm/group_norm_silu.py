@@ -177,11 +177,13 @@ class _SliceNormalizer:
 
 
 def _slices(x: torch.Tensor):
-    """Indices cutting ``x`` into pieces of about ``_SLICE_BYTES``, each a block of memory:
-    along the batch, or for one channels-last sample along dim 2 (its outermost spatial
-    axis). Only the whole of x for one sample in the contiguous layout, whose slices would
-    be strided, and under torch.compile, which plans its own buffers."""
-    if torch.compiler.is_compiling():  # first: a symbolic shape has no byte count to read
+    """Indices cutting a CPU tensor ``x`` into pieces of about ``_SLICE_BYTES``, each a block
+    of memory: along the batch, or for one channels-last sample along dim 2 (its outermost
+    spatial axis). Only the whole of x for one sample in the contiguous layout, whose slices
+    would be strided; under torch.compile, which plans its own buffers; and on a GPU, where
+    slices buy no cache locality and each costs a round of kernel launches."""
+    # compilation first: a symbolic shape has no byte count to read
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
         yield (slice(None),)
         return
     pieces = -(-x.nbytes // _SLICE_BYTES)
