@@ -266,13 +266,13 @@ def test_slices_cover_x_once_and_are_normalised_alike(batch, layout, dtype):
     assert covered.eq(1).all()
 
 
-
 def test_a_gpu_tensor_is_normalised_whole():
     """Slices serve the CPU's caches; on a GPU each would only add kernel launches. (The meta
     device stands in for a GPU: it has shapes and no data.)"""
     x = torch.empty(32, 64, 128, 128, dtype=torch.bfloat16, device="meta")  # 64 MiB
     assert len(list(fused_norm._slices(x))) == 1
     assert len(list(fused_norm._slices(torch.empty(x.shape, dtype=x.dtype)))) > 1
+
 
 def saved_activation_elements(fn, *args) -> int:
     """Elements of the tensors autograd keeps for the backward pass (by storage, once each)."""
